@@ -1,0 +1,248 @@
+"""Model configurations: presets, Hugging Face ``config.json`` and GGUF metadata.
+
+A config is a frozen, hashable dataclass so it can be a static argument of
+``jax.jit``. It holds the shapes and the per-layer pattern; the per-layer
+arrays derived from it (sliding windows, RoPE frequencies) live in
+:func:`mtijax.models.gemma3.layer_spec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from mtijax.errors import MtijaxError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config:
+    """Shapes and hyper-parameters of a Gemma 3 text decoder.
+
+    ``layer_types[l]`` is ``"sliding_attention"`` or ``"full_attention"``.
+    Sliding layers attend to keys whose position is less than
+    ``sliding_window`` behind the query and use RoPE base ``rope_local_base``;
+    full layers use ``rope_global_base`` with positions divided by
+    ``rope_global_scaling`` (linear RoPE scaling; 1.0 means none).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    rope_global_base: float = 1_000_000.0
+    rope_local_base: float = 10_000.0
+    rope_global_scaling: float = 1.0
+    rope_local_scaling: float = 1.0
+    rms_norm_eps: float = 1e-6
+    final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None
+    max_position_embeddings: int = 32_768
+    bos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] = (1, 106)
+    pad_token_id: int = 0
+    architecture: str = "gemma3"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if len(self.layer_types) != self.num_layers:
+            problems.append(f"{len(self.layer_types)} layer types for {self.num_layers} layers")
+        if any(t not in (SLIDING, FULL) for t in self.layer_types):
+            problems.append(f"unknown layer type in {sorted(set(self.layer_types))}")
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            problems.append(f"{self.num_heads} heads is not a multiple of {self.num_kv_heads} kv heads")
+        if self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} is odd (RoPE needs pairs)")
+        if problems:
+            raise MtijaxError("invalid Gemma 3 config: " + "; ".join(problems))
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters (tied embedding counted once)."""
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * hd
+        per_layer = attn + 3 * d * f + 4 * d
+        return self.vocab_size * d + self.num_layers * per_layer + d
+
+
+def gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
+    """Gemma 3's default pattern: every ``pattern``-th layer is global, the rest sliding."""
+    return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
+
+
+def _preset(layers: int, hidden: int, ffn: int, heads: int, kv: int, head_dim: int, window: int,
+            vocab: int, scaling: float, qpas: float, context: int) -> Gemma3Config:
+    return Gemma3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim, query_pre_attn_scalar=qpas,
+        sliding_window=window, layer_types=gemma3_layer_types(layers),
+        rope_global_scaling=scaling, max_position_embeddings=context,
+    )
+
+
+PRESETS: dict[str, Gemma3Config] = {
+    "gemma3-270m": _preset(18, 640, 2048, 4, 1, 256, 512, 262_144, 1.0, 256, 32_768),
+    "gemma3-1b": _preset(26, 1152, 6912, 4, 1, 256, 512, 262_144, 1.0, 256, 32_768),
+    "gemma3-4b": _preset(34, 2560, 10240, 8, 4, 256, 1024, 262_208, 8.0, 256, 131_072),
+    "gemma3-12b": _preset(48, 3840, 15360, 16, 8, 256, 1024, 262_208, 8.0, 256, 131_072),
+    "gemma3-27b": _preset(62, 5376, 21504, 32, 16, 128, 1024, 262_208, 8.0, 168, 131_072),
+}
+"""Published shapes of the Gemma 3 text models (the 4B-27B are the text part of the multimodal models)."""
+
+
+def preset(name: str) -> Gemma3Config:
+    """The config of a published model size, e.g. ``preset("gemma3-12b")``."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise MtijaxError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+def _linear_factor(rope: Mapping[str, Any] | None, where: str) -> float:
+    if not rope:
+        return 1.0
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return 1.0
+    if kind == "linear":
+        return float(rope["factor"])
+    raise MtijaxError(f"{where}: RoPE type {kind!r} is not supported (default and linear are)")
+
+
+def _as_tuple(ids: Any) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    return tuple(int(i) for i in ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+
+
+def config_from_hf(raw: Mapping[str, Any], where: str = "config.json") -> Gemma3Config:
+    """A config from a Hugging Face ``config.json`` dict (``gemma3_text``, or the text part of ``gemma3``)."""
+    model_type = raw.get("model_type")
+    if model_type == "gemma3":
+        raw = {**raw.get("text_config", {}), "eos_token_id": raw.get("eos_token_id", 1)}
+        model_type = "gemma3_text"
+    if model_type != "gemma3_text":
+        raise MtijaxError(f"{where}: unknown architecture {model_type!r} (supported: gemma3_text, gemma3)")
+    try:
+        layers = int(raw["num_hidden_layers"])
+        heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        layer_types = raw.get("layer_types") or gemma3_layer_types(layers, int(raw.get("sliding_window_pattern", 6)))
+        rope = raw.get("rope_parameters") or {}
+        if "full_attention" in rope or "sliding_attention" in rope:
+            full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        else:
+            full, local = raw.get("rope_scaling") or {}, {}
+        global_base = full.get("rope_theta", raw.get("rope_theta", 1_000_000.0))
+        local_base = local.get("rope_theta", raw.get("rope_local_base_freq", 10_000.0))
+        eos = _as_tuple(raw.get("eos_token_id", 1))
+        return Gemma3Config(
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads", heads)),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar", 256)),
+            sliding_window=int(raw.get("sliding_window") or 4096),
+            layer_types=tuple(layer_types),
+            rope_global_base=float(global_base),
+            rope_local_base=float(local_base),
+            rope_global_scaling=_linear_factor(full, where),
+            rope_local_scaling=_linear_factor(local, where),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            final_logit_softcap=raw.get("final_logit_softcapping"),
+            attn_logit_softcap=raw.get("attn_logit_softcapping"),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 131_072)),
+            bos_token_id=int(raw.get("bos_token_id", 2) or 2),
+            eos_token_ids=eos,
+            pad_token_id=int(raw.get("pad_token_id", 0) or 0),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise MtijaxError(f"{where}: missing or malformed field {e}") from None
+
+
+def read_hf_config(directory: Path) -> Gemma3Config:
+    """Read ``directory/config.json``."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise MtijaxError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MtijaxError(f"{path}: not valid JSON ({e})") from None
+    return config_from_hf(raw, str(path))
+
+
+def config_from_gguf(meta: Mapping[str, Any], vocab_size: int, where: str,
+                     extra_eos: tuple[int, ...] = ()) -> Gemma3Config:
+    """A config from GGUF metadata (llama.cpp architecture ``gemma3``).
+
+    GGUF does not record ``query_pre_attn_scalar``, the local RoPE base or the
+    layer pattern; like llama.cpp we take head_dim (hidden / heads for the
+    62-layer 27B), 10 000 and one global layer in six. ``extra_eos`` adds stop
+    tokens the metadata does not name (the chat models' ``<end_of_turn>``).
+    """
+    arch = meta.get("general.architecture")
+    if arch != "gemma3":
+        raise MtijaxError(f"{where}: unknown GGUF architecture {arch!r} (supported: gemma3)")
+    try:
+        get = lambda key, *default: meta[f"gemma3.{key}"] if not default else meta.get(f"gemma3.{key}", default[0])
+        layers, hidden, heads = int(get("block_count")), int(get("embedding_length")), int(get("attention.head_count"))
+        head_dim = int(get("attention.key_length", hidden // heads))
+        scaling = 1.0
+        if get("rope.scaling.type", "none") == "linear":
+            scaling = float(get("rope.scaling.factor"))
+        eos = [int(meta.get("tokenizer.ggml.eos_token_id", 1))]
+        eos += [i for i in extra_eos if i not in eos]
+        return Gemma3Config(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(get("attention.head_count_kv", heads)),
+            head_dim=head_dim,
+            query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim),
+            sliding_window=int(get("attention.sliding_window", 4096)),
+            layer_types=gemma3_layer_types(layers),
+            rope_global_base=float(get("rope.freq_base", 1_000_000.0)),
+            rope_global_scaling=scaling,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=int(get("context_length", 32_768)),
+            bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+            eos_token_ids=tuple(eos),
+            pad_token_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise MtijaxError(f"{where}: missing or malformed GGUF metadata {e}") from None
+
+
+def describe(config: Gemma3Config) -> dict[str, Any]:
+    """A JSON-friendly summary used by ``mtijax info``."""
+    n_full = sum(t == FULL for t in config.layer_types)
+    return {
+        "architecture": config.architecture,
+        "layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "heads": config.num_heads,
+        "kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "sliding_window": config.sliding_window,
+        "layer_pattern": f"{config.num_layers - n_full} sliding + {n_full} global",
+        "parameters": config.num_params,
+        "params_human": f"{config.num_params / 1e6:.1f}M" if config.num_params < 1e9 else f"{config.num_params / 1e9:.2f}B",
+    }

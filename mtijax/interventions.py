@@ -1,0 +1,112 @@
+"""Named activation sites: capture them, replace them, add to them.
+
+Every block of a decoder passes its activations through named *sites*. A
+forward call can ask for any subset of sites to be captured (returned stacked
+over layers) and can carry a :class:`Patch` per site that replaces or adds to
+the activation there. Patches are data scanned alongside the parameters, so
+which layers are patched is a mask, not a Python branch: one compiled forward
+serves every choice of layers, and a sweep over layers or strengths is a
+``jax.vmap``.
+
+Sites of a Gemma 3 block, in the order the block reaches them
+(``B`` batch, ``S`` tokens in this call, ``D`` hidden, ``N``/``K`` query/kv
+heads, ``H`` head_dim):
+
+============  ==============  ================================================
+site          shape           what it is
+============  ==============  ================================================
+resid_pre     [B, S, D]       residual stream entering the block
+attn_q        [B, S, N, H]    q-projection output, before q-norm and RoPE
+attn_k        [B, S, K, H]    k-projection output, before k-norm and RoPE
+attn_v        [B, S, K, H]    v-projection output (what is cached as V)
+attn_z        [B, S, N, H]    per-head attention output, before o-projection
+attn_out      [B, S, D]       o-projection output, before the post-attention norm
+resid_mid     [B, S, D]       residual stream after the attention half
+mlp_out       [B, S, D]       down-projection output, before the post-MLP norm
+resid_post    [B, S, D]       residual stream leaving the block
+============  ==============  ================================================
+
+A patched ``attn_k``/``attn_v`` changes what is written to the KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from mtijax.errors import MtijaxError
+
+SITES: tuple[str, ...] = (
+    "resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post",
+)
+
+
+@struct.dataclass
+class Patch:
+    """A per-layer replacement of, or addition to, one site's activation.
+
+    Attributes:
+      value: ``[L, B, S, *site_shape]`` (or anything that broadcasts to it per layer).
+      mask: ``[L]`` or ``[L, B, S]`` weights. With ``mode="replace"`` the site
+        becomes ``(1 - m) * h + m * value`` (so 1 replaces, 0 leaves ``h``
+        untouched, bit for bit, and fractions blend); with ``mode="add"`` it
+        becomes ``h + m * value``.
+      mode: ``"replace"`` or ``"add"`` (static: part of the compiled function).
+    """
+
+    value: jax.Array
+    mask: jax.Array
+    mode: str = struct.field(pytree_node=False, default="replace")
+
+
+def layer_mask(num_layers: int, layers: Iterable[int]) -> jax.Array:
+    """A ``[L]`` float32 mask that is 1 at ``layers`` and 0 elsewhere."""
+    chosen = list(layers)
+    bad = [l for l in chosen if not 0 <= l < num_layers]
+    if bad:
+        raise MtijaxError(f"layer {bad[0]} is out of range: the model has layers 0..{num_layers - 1}")
+    return jnp.zeros((num_layers,), jnp.float32).at[jnp.asarray(chosen, jnp.int32)].set(1.0)
+
+
+def check_sites(names: Iterable[str]) -> tuple[str, ...]:
+    """Validate site names; returns them as a sorted tuple (a hashable jit static)."""
+    names = tuple(sorted(set(names)))
+    unknown = [n for n in names if n not in SITES]
+    if unknown:
+        raise MtijaxError(f"unknown activation site {unknown[0]!r}; sites are {', '.join(SITES)}")
+    return names
+
+
+def apply_patch(h: jax.Array, patch: Patch | None) -> jax.Array:
+    """Apply one layer's slice of a patch (``value [B, S, ...]``, ``mask []`` or ``[B, S]``) to ``h``."""
+    if patch is None:
+        return h
+    m = patch.mask.astype(jnp.float32)
+    m = m.reshape(m.shape + (1,) * (h.ndim - m.ndim))
+    value = jnp.broadcast_to(patch.value, h.shape).astype(jnp.float32)
+    h32 = h.astype(jnp.float32)
+    if patch.mode == "add":
+        out = h32 + m * value
+    elif patch.mode == "replace":
+        out = (1.0 - m) * h32 + m * value
+    else:
+        raise MtijaxError(f"unknown patch mode {patch.mode!r} (replace or add)")
+    return jnp.where(m == 0, h, out.astype(h.dtype))
+
+
+class Sites:
+    """What one block call does at its sites: patch with this layer's slice, then record if asked."""
+
+    def __init__(self, capture: tuple[str, ...], patches: Mapping[str, Patch] | None):
+        self.capture = capture
+        self.patches = patches or {}
+        self.captured: dict[str, jax.Array] = {}
+
+    def __call__(self, name: str, h: jax.Array) -> jax.Array:
+        h = apply_patch(h, self.patches.get(name))
+        if name in self.capture:
+            self.captured[name] = h
+        return h

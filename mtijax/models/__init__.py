@@ -1,0 +1,1 @@
+"""Decoder implementations; each is pure functions over a params pytree."""

@@ -1,0 +1,187 @@
+"""Gemma 3 text decoder as pure functions of a parameter pytree.
+
+Parameters (``L`` layers, matrices stored ``[in, out]`` so a layer is ``x @ W``)::
+
+    embed                 [V, D]      token embedding, tied output head
+    layers/input_norm     [L, D]      RMSNorm weights, applied as (1 + w)
+    layers/post_attn_norm [L, D]
+    layers/pre_mlp_norm   [L, D]
+    layers/post_mlp_norm  [L, D]
+    layers/attn/q_proj    [L, D, N*H]
+    layers/attn/k_proj    [L, D, K*H]
+    layers/attn/v_proj    [L, D, K*H]
+    layers/attn/o_proj    [L, N*H, D]
+    layers/attn/q_norm    [L, H]
+    layers/attn/k_norm    [L, H]
+    layers/mlp/gate_proj  [L, D, F]
+    layers/mlp/up_proj    [L, D, F]
+    layers/mlp/down_proj  [L, F, D]
+    final_norm            [D]
+
+Layer ``l`` of the params is ``tree_map(lambda x: x[l], params["layers"])``.
+The per-layer differences (sliding window, RoPE frequencies) are arrays in
+:func:`layer_spec`, scanned beside the params, so :func:`forward` is one
+``lax.scan`` over the one :func:`block` function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtijax.config import SLIDING, Gemma3Config
+from mtijax.interventions import Patch, Sites, check_sites
+from mtijax.models import cache as kv
+from mtijax.models.layers import apply_rope, attention, gelu_tanh, rms_norm, rope_inv_freq
+
+Params = dict[str, Any]
+NO_WINDOW = 2**30
+"""Window of a global layer: larger than any position."""
+
+
+class ForwardOutput(NamedTuple):
+    """What :func:`forward` returns.
+
+    Attributes:
+      logits: ``[B, S, V]`` float32.
+      cache: the cache with this call's keys and values written, or None.
+      captured: site name -> ``[L, B, S, ...]`` for each captured site.
+    """
+
+    logits: jax.Array
+    cache: kv.KVCache | None
+    captured: dict[str, jax.Array]
+
+
+def layer_spec(config: Gemma3Config) -> dict[str, np.ndarray]:
+    """Per-layer attention settings, stacked ``[L, ...]``: ``window`` (int32) and ``inv_freq`` (``[L, H/2]``)."""
+    local = rope_inv_freq(config.head_dim, config.rope_local_base, config.rope_local_scaling)
+    glob = rope_inv_freq(config.head_dim, config.rope_global_base, config.rope_global_scaling)
+    sliding = [t == SLIDING for t in config.layer_types]
+    return {
+        "window": np.array([config.sliding_window if s else NO_WINDOW for s in sliding], np.int32),
+        "inv_freq": np.stack([local if s else glob for s in sliding]),
+    }
+
+
+def param_shapes(config: Gemma3Config) -> Params:
+    """The shape of every parameter, as the same pytree the params use."""
+    d, f, h, n, k, l = (config.hidden_size, config.intermediate_size, config.head_dim,
+                        config.num_heads, config.num_kv_heads, config.num_layers)
+    return {
+        "embed": (config.vocab_size, d),
+        "layers": {
+            "input_norm": (l, d), "post_attn_norm": (l, d), "pre_mlp_norm": (l, d), "post_mlp_norm": (l, d),
+            "attn": {
+                "q_proj": (l, d, n * h), "k_proj": (l, d, k * h), "v_proj": (l, d, k * h), "o_proj": (l, n * h, d),
+                "q_norm": (l, h), "k_norm": (l, h),
+            },
+            "mlp": {"gate_proj": (l, d, f), "up_proj": (l, d, f), "down_proj": (l, f, d)},
+        },
+        "final_norm": (d,),
+    }
+
+
+def init_params(config: Gemma3Config, key: jax.Array, dtype: jnp.dtype = jnp.float32, scale: float = 0.02) -> Params:
+    """Random parameters in the real shapes (normal, std ``scale``; norms too), for tests and benchmarks."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [(scale * jax.random.normal(k, s, jnp.float32)).astype(dtype) for k, s in zip(keys, leaves)])
+
+
+def embed(config: Gemma3Config, params: Params, tokens: jax.Array) -> jax.Array:
+    """Token embeddings scaled by sqrt(D) (the scale rounded to the embedding dtype, as Hugging Face): ``[B, S, D]``."""
+    table = params["embed"]
+    return table[tokens] * jnp.asarray(math.sqrt(config.hidden_size), table.dtype)
+
+
+def unembed(config: Gemma3Config, params: Params, x: jax.Array) -> jax.Array:
+    """Final norm and tied output head: ``[..., D]`` -> float32 logits ``[..., V]``."""
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    logits = jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+    if config.final_logit_softcap is not None:
+        logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
+    return logits
+
+
+def block(config: Gemma3Config, layer: Params, spec: Mapping[str, jax.Array], x: jax.Array, positions: jax.Array,
+          cache_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None, sites: Sites | None = None,
+          ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One decoder layer.
+
+    Args:
+      layer: this layer's params (``params["layers"]`` indexed at ``l``).
+      spec: this layer's ``layer_spec`` slice (``window`` scalar, ``inv_freq [H/2]``).
+      x: ``[B, S, D]`` residual stream. positions: ``[B, S]`` int32, -1 for padding.
+      cache_kv: ``(k [B, T, K, H], v [B, T, K, H], positions [B, T])`` of this
+        layer's cache before this call, or None to attend to this call's tokens only.
+      sites: patches and captures at the named sites (see ``mtijax.interventions``).
+    Returns:
+      ``(x [B, S, D], (k, v))``: the new residual stream and this call's keys
+      and values ``[B, S, K, H]`` (normed and rotated) for the caller to store.
+    """
+    sites = sites or Sites((), None)
+    b, s, _ = x.shape
+    n, k_heads, h = config.num_heads, config.num_kv_heads, config.head_dim
+    attn = layer["attn"]
+    x = sites("resid_pre", x)
+    normed = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
+    q = sites("attn_q", (normed @ attn["q_proj"]).reshape(b, s, n, h))
+    k = sites("attn_k", (normed @ attn["k_proj"]).reshape(b, s, k_heads, h))
+    v = sites("attn_v", (normed @ attn["v_proj"]).reshape(b, s, k_heads, h))
+    q = apply_rope(rms_norm(q, attn["q_norm"], config.rms_norm_eps), positions, spec["inv_freq"])
+    k = apply_rope(rms_norm(k, attn["k_norm"], config.rms_norm_eps), positions, spec["inv_freq"])
+    segments = [(k, v, positions)]
+    if cache_kv is not None:
+        segments.insert(0, cache_kv)
+    z = attention(q, positions, segments, spec["window"], config.query_pre_attn_scalar ** -0.5,
+                  config.attn_logit_softcap)
+    z = sites("attn_z", z)
+    attn_out = sites("attn_out", z.reshape(b, s, n * h) @ attn["o_proj"])
+    x = sites("resid_mid", x + rms_norm(attn_out, layer["post_attn_norm"], config.rms_norm_eps))
+    mlp = layer["mlp"]
+    normed = rms_norm(x, layer["pre_mlp_norm"], config.rms_norm_eps)
+    hidden = gelu_tanh(normed @ mlp["gate_proj"]) * (normed @ mlp["up_proj"])
+    mlp_out = sites("mlp_out", hidden @ mlp["down_proj"])
+    x = sites("resid_post", x + rms_norm(mlp_out, layer["post_mlp_norm"], config.rms_norm_eps))
+    return x, (k, v)
+
+
+def forward(config: Gemma3Config, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
+            cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
+            capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None) -> ForwardOutput:
+    """Run the decoder over ``tokens [B, S]``.
+
+    Args:
+      positions: ``[B, S]`` int32 token positions, -1 for padding; default ``0..S-1``.
+      cache: if given, the tokens attend to the cache and their keys and values
+        are written into it at slots ``write_index .. write_index + S - 1``.
+      capture: site names whose activations to return (see ``mtijax.interventions``).
+      patches: site name -> :class:`Patch` with a leading ``[L]`` axis.
+    """
+    capture = check_sites(capture)
+    check_sites((patches or {}).keys())
+    b, s = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    spec = jax.tree.map(jnp.asarray, layer_spec(config))
+    x = embed(config, params, tokens)
+    cache_xs = None if cache is None else (cache.k, cache.v)
+
+    def step(x, xs):
+        layer, layer_spec_l, layer_cache, layer_patches = xs
+        cache_kv = None if layer_cache is None else (*layer_cache, cache.positions)
+        sites = Sites(capture, layer_patches)
+        x, new_kv = block(config, layer, layer_spec_l, x, positions, cache_kv, sites)
+        return x, (new_kv, sites.captured)
+
+    x, (new_kv, captured) = jax.lax.scan(step, x, (params["layers"], spec, cache_xs, dict(patches or {})))
+    if cache is not None:
+        cache = kv.write(cache, *new_kv, positions, write_index)
+    return ForwardOutput(unembed(config, params, x), cache, captured)

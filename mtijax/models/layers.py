@@ -1,0 +1,97 @@
+"""Building blocks shared by the decoders: RMSNorm, RoPE, attention, gated MLP.
+
+Shapes use B = batch, S = query length, T = key length, N = query heads,
+K = key/value heads, G = N // K, H = head_dim, D = hidden size.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MASKED = -2.3819763e38
+"""Score given to masked keys (the float32/bfloat16 lowest finite value, as Hugging Face uses)."""
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, plus_one: bool = True) -> jax.Array:
+    """RMSNorm computed in float32 and cast back to ``x.dtype``.
+
+    Gemma scales by ``(1 + weight)``; ``plus_one=False`` scales by ``weight``.
+    """
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    scale = weight.astype(jnp.float32)
+    return (normed * (1.0 + scale if plus_one else scale)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, base: float, linear_scaling: float = 1.0) -> np.ndarray:
+    """Inverse RoPE frequencies ``[H/2]`` in float32, divided by the linear scaling factor."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (1.0 / (np.float32(base) ** exponents)).astype(np.float32)
+    return (inv / np.float32(linear_scaling)).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate ``x [B, S, heads, H]`` by ``positions [B, S]`` (rotate-half layout, as Hugging Face)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, H/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array) -> jax.Array:
+    """Which keys each query may see, from token positions: ``[B, S, T]`` bool.
+
+    A key is visible when it holds a token (``k_pos >= 0``), is not in the
+    query's future, and is less than ``window`` positions behind it.
+    Positions, not array indices, decide: this is what keeps a rolling or
+    left-padded cache correct.
+    """
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    return (k >= 0) & (k <= q) & (q - k < window)
+
+
+def attention(q: jax.Array, q_pos: jax.Array, segments: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
+              window: jax.Array, scale: float, softcap: float | None = None) -> jax.Array:
+    """Grouped-query attention over one or more key/value segments with one softmax.
+
+    Splitting the keys into segments (the cache, then this call's new tokens)
+    lets a decode step attend to the cache without first copying the new
+    entries into it.
+
+    Args:
+      q: ``[B, S, N, H]`` queries at positions ``q_pos [B, S]``.
+      segments: ``(k, v, k_pos)`` triples, ``k, v [B, T_i, K, H]``, ``k_pos [B, T_i]``.
+      window: keys must be less than ``window`` positions behind the query.
+    Returns:
+      ``[B, S, N, H]`` in the dtype of the values; scores and softmax in float32.
+    """
+    b, s, n, h = q.shape
+    kv_heads = segments[0][0].shape[2]
+    qg = q.reshape(b, s, kv_heads, n // kv_heads, h)
+    scores = []
+    for k, _, k_pos in segments:
+        score = jnp.einsum("bskgh,btkh->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            score = jnp.tanh(score / softcap) * softcap
+        visible = attention_mask(q_pos, k_pos, window)[:, None, None, :, :]
+        scores.append(jnp.where(visible, score, MASKED))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out = jnp.zeros((b, kv_heads, n // kv_heads, s, h), jnp.float32)
+    offset = 0
+    for k, v, _ in segments:
+        part = probs[..., offset:offset + k.shape[1]].astype(v.dtype)
+        out = out + jnp.einsum("bkgst,btkh->bkgsh", part, v, preferred_element_type=jnp.float32)
+        offset += k.shape[1]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h).astype(segments[-1][1].dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU with the tanh approximation (``gelu_pytorch_tanh``)."""
+    return jax.nn.gelu(x, approximate=True)

@@ -1,0 +1,1 @@
+"""Reading checkpoints: Hugging Face safetensors directories and GGUF files."""

@@ -1,0 +1,87 @@
+"""Tensor sources: a Hugging Face checkpoint directory or a GGUF file, read one tensor at a time.
+
+A source answers ``shape(slot)`` and ``read(slot)`` for the :class:`TensorSlot`
+table of ``mtijax.weights.names`` and says where a tensor came from, so the
+loader can check shapes and report errors with file names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from mtijax.errors import MtijaxError
+from mtijax.weights.names import HF_TEXT_PREFIXES, TensorSlot
+from mtijax.weights.safetensors_file import SafetensorsFile
+
+
+class TensorSource(Protocol):
+    """Somewhere tensors are read from."""
+
+    location: str
+
+    def shape(self, slot: TensorSlot) -> tuple[int, ...]:
+        """Stored shape of the slot's tensor; raises MtijaxError if it is missing."""
+
+    def read(self, slot: TensorSlot) -> np.ndarray:
+        """The slot's tensor as stored (any float dtype), before transposes or shifts."""
+
+
+def _shard_files(directory: Path) -> tuple[dict[str, str], list[Path]]:
+    """Tensor name -> shard file name, and the shard files, from the index or a lone file."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise MtijaxError(f"{index}: corrupt index (no weight_map)") from None
+        files = sorted({directory / name for name in weight_map.values()})
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise MtijaxError(f"{missing[0]}: shard file is missing (named by {index.name})")
+        return weight_map, files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise MtijaxError(f"{directory}: no *.safetensors files")
+    return {}, files
+
+
+class HFDirectory:
+    """The safetensors shards of a Hugging Face model directory (lazy, memory-mapped)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.location = str(self.directory)
+        weight_map, files = _shard_files(self.directory)
+        self.files = {f.name: SafetensorsFile(f) for f in files}
+        self.where: dict[str, SafetensorsFile] = {}
+        for name, shard in weight_map.items():
+            self.where[name] = self.files[shard]
+        for shard in self.files.values():
+            for name in shard.entries:
+                self.where.setdefault(name, shard)
+        self.prefix = next((p for p in HF_TEXT_PREFIXES if p + "embed_tokens.weight" in self.where), "model.")
+
+    def _locate(self, slot: TensorSlot) -> tuple[str, SafetensorsFile]:
+        name = self.prefix + slot.hf_name
+        shard = self.where.get(name)
+        if shard is None or name not in shard:
+            place = f"{shard.path.name} (as the index says)" if shard is not None else self.location
+            raise MtijaxError(f"tensor {name!r} is missing from {place}")
+        return name, shard
+
+    def shape(self, slot: TensorSlot) -> tuple[int, ...]:
+        name, shard = self._locate(slot)
+        return shard.shape(name)
+
+    def read(self, slot: TensorSlot) -> np.ndarray:
+        name, shard = self._locate(slot)
+        return shard.get(name)
+
+    def describe(self, slot: TensorSlot) -> str:
+        """``tensor 'name' in shard file``."""
+        name, shard = self._locate(slot)
+        return f"tensor {name!r} in {shard.path}"
