@@ -153,18 +153,11 @@ def block(config: Gemma3Config, layer: Params, spec: Mapping[str, jax.Array], x:
     return x, (k, v)
 
 
-def forward(config: Gemma3Config, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
-            cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
-            capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None) -> ForwardOutput:
-    """Run the decoder over ``tokens [B, S]``.
-
-    Args:
-      positions: ``[B, S]`` int32 token positions, -1 for padding; default ``0..S-1``.
-      cache: if given, the tokens attend to the cache and their keys and values
-        are written into it at slots ``write_index .. write_index + S - 1``.
-      capture: site names whose activations to return (see ``mtijax.interventions``).
-      patches: site name -> :class:`Patch` with a leading ``[L]`` axis.
-    """
+def forward_hidden(config: Gemma3Config, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
+                   cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
+                   capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
+                   ) -> tuple[jax.Array, kv.KVCache | None, dict[str, jax.Array]]:
+    """:func:`forward` without the output head: returns the last residual stream ``[B, S, D]``, cache, captures."""
     capture = check_sites(capture)
     check_sites((patches or {}).keys())
     b, s = tokens.shape
@@ -184,4 +177,21 @@ def forward(config: Gemma3Config, params: Params, tokens: jax.Array, positions: 
     x, (new_kv, captured) = jax.lax.scan(step, x, (params["layers"], spec, cache_xs, dict(patches or {})))
     if cache is not None:
         cache = kv.write(cache, *new_kv, positions, write_index)
+    return x, cache, captured
+
+
+def forward(config: Gemma3Config, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
+            cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
+            capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None) -> ForwardOutput:
+    """Run the decoder over ``tokens [B, S]``; pure, so ``jax.jit`` it with ``config`` static.
+
+    Args:
+      positions: ``[B, S]`` int32 token positions, -1 for padding; default ``0..S-1``.
+      cache: if given, the tokens attend to the cache and their keys and values
+        are written into it at slots ``write_index .. write_index + S - 1``.
+      capture: site names whose activations to return (see ``mtijax.interventions``).
+      patches: site name -> :class:`Patch` with a leading ``[L]`` axis.
+    """
+    x, cache, captured = forward_hidden(config, params, tokens, positions, cache=cache, write_index=write_index,
+                                        capture=capture, patches=patches)
     return ForwardOutput(unembed(config, params, x), cache, captured)

@@ -1,0 +1,154 @@
+"""The ``mtijax`` command: ``generate`` and ``info``.
+
+User errors (bad flags, missing or corrupt files, wrong shapes, unknown
+architectures) print one line ``mtijax: error: ...`` on stderr and exit with
+status 2, without a traceback. Nothing on disk is written except the
+tokenizer cache (see ``mtijax.tokenizer``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+from mtijax.errors import MtijaxError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise MtijaxError(message)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--token-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--token-ids is empty")
+    return ids
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = _Parser(prog="mtijax", description="Gemma 3 in pure JAX: generate text, inspect checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    model_help = "gemma3-270m (embedded default), a Hugging Face model directory, or a .gguf file"
+
+    gen = commands.add_parser("generate", help="continue a prompt")
+    gen.add_argument("prompt", nargs="?", help="prompt text (or use --token-ids)")
+    gen.add_argument("--model", default=None, help=model_help)
+    gen.add_argument("--token-ids", type=_token_ids, help="comma-separated prompt token ids, instead of text")
+    gen.add_argument("--max-new-tokens", type=_positive(int), default=32)
+    gen.add_argument("--temperature", type=_positive(float), default=0.0, help="0 (default) is greedy")
+    gen.add_argument("--top-k", type=_positive(int), default=0, help="0 switches top-k off")
+    gen.add_argument("--top-p", type=_positive(float), default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    info = commands.add_parser("info", help="architecture, shapes, parameter count and bytes of a model")
+    info.add_argument("--model", default=None, help=model_help + ", or a preset name such as gemma3-12b")
+    info.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    info.add_argument("--json", action="store_true")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from mtijax.api import load
+    from mtijax.generate import Sampling, generate_stream
+
+    if args.prompt is None and args.token_ids is None:
+        raise MtijaxError("give a PROMPT or --token-ids")
+    if args.prompt is not None and args.token_ids is not None:
+        raise MtijaxError("give a PROMPT or --token-ids, not both")
+    if args.max_new_tokens < 1:
+        raise MtijaxError("--max-new-tokens must be at least 1")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    model = load(args.model, args.dtype, tokenizer=args.token_ids is None, progress=sys.stderr.isatty())
+    if args.token_ids is not None:
+        prompt_ids = args.token_ids
+    else:
+        if model.tokenizer is None:
+            raise MtijaxError(f"{model.source} has no tokenizer; pass --token-ids instead of a prompt")
+        prompt_ids = model.tokenizer(args.prompt)["input_ids"]
+    decode = (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)) if model.tokenizer else None
+    stops = set(model.config.eos_token_ids)
+    ids: list[int] = []
+    shown = ""
+    start = time.perf_counter()
+    for step_tokens in generate_stream(model.config, model.params, [prompt_ids], args.max_new_tokens,
+                                       sampling=sampling, seed=args.seed):
+        token = int(step_tokens[0])
+        if token in stops:
+            break
+        ids.append(token)
+        if decode and not args.json:
+            text = decode(ids)
+            if text.startswith(shown) and not text.endswith("\ufffd"):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+    elapsed = time.perf_counter() - start
+    text = decode(ids) if decode else ""
+    if args.json:
+        print(json.dumps({"model": model.source, "prompt_ids": list(prompt_ids), "ids": ids, "text": text,
+                          "seconds": round(elapsed, 3)}))
+    elif decode:
+        print(text[len(shown):] if text.startswith(shown) else "")
+    else:
+        print(" ".join(str(i) for i in ids))
+
+
+def _info(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mtijax.api import load_config
+    from mtijax.config import describe
+
+    config, path = load_config(args.model)
+    summary = describe(config)
+    summary["dtype"] = args.dtype
+    summary["bytes"] = config.num_params * (4 if args.dtype == "float32" else 2)
+    if path is not None:
+        files = [path] if path.is_file() else sorted(Path(path).glob("*.safetensors"))
+        summary["source"] = str(path)
+        summary["bytes_on_disk"] = sum(f.stat().st_size for f in files)
+    if args.json:
+        print(json.dumps(summary))
+        return
+    for key, value in summary.items():
+        print(f"{key:>18}: {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        {"generate": _generate, "info": _info}[args.command](args)
+    except MtijaxError as e:
+        print(f"mtijax: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
