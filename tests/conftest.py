@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny random Gemma 3 checkpoints written by transformers, and the real 270M GGUF.
+
+Tiny models are written with ``save_pretrained(max_shard_size=...)`` so every
+one of them is multi-shard, exactly as a large Hugging Face checkpoint is.
+Their weights are redrawn with a larger spread than transformers' init (and
+norms away from zero) so the parity tests exercise every parameter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("MTIJAX_CACHE", str(Path(__file__).parent.parent / ".pytest_cache" / "mtijax"))
+
+TINY_CONFIGS = {
+    # grouped-query attention, sliding window shorter than the prompts, default rope
+    "gqa": dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                sliding_window=6, sliding_window_pattern=2),
+    # multi-query attention, odd layer count, linear RoPE scaling on global layers, qpas != head_dim
+    "mqa_linear_rope": dict(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                            sliding_window=5, query_pre_attn_scalar=24,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                         "sliding_attention", "full_attention"],
+                            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                "rope_theta": 1_000_000.0},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
+    # multi-head attention (kv heads == heads), odd layer count, final-logit softcapping
+    "mha_softcap": dict(num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+                        sliding_window=4, sliding_window_pattern=3, final_logit_softcapping=30.0),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0):
+    """A random ``Gemma3ForCausalLM`` (CPU, float32) for one of ``TINY_CONFIGS``."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, max_position_embeddings=512,
+                              pad_token_id=0, bos_token_id=2, eos_token_id=1, **TINY_CONFIGS[variant])
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+            elif "embed" in name:  # small, or the tied head just repeats the last token
+                p.normal_(0.0, 0.02)
+            else:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def write_checkpoint(model, directory: Path) -> Path:
+    """``save_pretrained`` into several shards; returns the directory."""
+    model.save_pretrained(directory, max_shard_size="64KB")
+    assert len(list(directory.glob("*.safetensors"))) > 1, "the fixture must be multi-shard"
+    return directory
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny(request, tmp_path_factory):
+    """``(hf_model, checkpoint_dir)`` for each tiny configuration."""
+    model = make_hf_model(request.param)
+    return model, write_checkpoint(model, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa(tmp_path_factory):
+    """``(hf_model, checkpoint_dir)`` of the grouped-query tiny model only."""
+    model = make_hf_model("gqa")
+    return model, write_checkpoint(model, tmp_path_factory.mktemp("tiny-gqa"))
+
+
+def tree_checksums(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``directory``."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The embedded Gemma 3 270M loaded by mtijax (float32)."""
+    from mtijax.api import load
+
+    return load(progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_hf_model():
+    """The same GGUF file loaded by transformers (dequantised to float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from mtijax.weights.default import default_model_path
+
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def random_prompts(seed: int, lengths, vocab: int = 256) -> list[list[int]]:
+    """Token id lists of the given lengths (ids 3.. so no pad/eos/bos)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
