@@ -156,8 +156,11 @@ def block(config: Gemma3Config, layer: Params, spec: Mapping[str, jax.Array], x:
 def forward_hidden(config: Gemma3Config, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
                    cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
                    capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
-                   ) -> tuple[jax.Array, kv.KVCache | None, dict[str, jax.Array]]:
-    """:func:`forward` without the output head: returns the last residual stream ``[B, S, D]``, cache, captures."""
+                   unroll: int | bool = 1) -> tuple[jax.Array, kv.KVCache | None, dict[str, jax.Array]]:
+    """:func:`forward` without the output head: returns the last residual stream ``[B, S, D]``, cache, captures.
+
+    ``unroll`` is passed to the layer ``lax.scan`` (True: straight-line code, one copy of the block per layer).
+    """
     capture = check_sites(capture)
     check_sites((patches or {}).keys())
     b, s = tokens.shape
@@ -174,7 +177,8 @@ def forward_hidden(config: Gemma3Config, params: Params, tokens: jax.Array, posi
         x, new_kv = block(config, layer, layer_spec_l, x, positions, cache_kv, sites)
         return x, (new_kv, sites.captured)
 
-    x, (new_kv, captured) = jax.lax.scan(step, x, (params["layers"], spec, cache_xs, dict(patches or {})))
+    x, (new_kv, captured) = jax.lax.scan(step, x, (params["layers"], spec, cache_xs, dict(patches or {})),
+                                         unroll=unroll)
     if cache is not None:
         cache = kv.write(cache, *new_kv, positions, write_index)
     return x, cache, captured
