@@ -92,7 +92,7 @@ def init_params(config: Gemma3Config, key: jax.Array, dtype: jnp.dtype = jnp.flo
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(
-        treedef, [(scale * jax.random.normal(k, s, jnp.float32)).astype(dtype) for k, s in zip(keys, leaves)])
+        treedef, [jnp.asarray(scale, dtype) * jax.random.normal(k, s, dtype) for k, s in zip(keys, leaves)])
 
 
 def embed(config: Gemma3Config, params: Params, tokens: jax.Array) -> jax.Array:
