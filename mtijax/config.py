@@ -54,12 +54,16 @@ class Gemma3Config:
     architecture: str = "gemma3"
 
     def __post_init__(self) -> None:
-        problems = []
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                 "intermediate_size": self.intermediate_size, "num_layers": self.num_layers,
+                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                 "sliding_window": self.sliding_window}
+        problems = [f"{name} is {value}, not positive" for name, value in sizes.items() if value <= 0]
         if len(self.layer_types) != self.num_layers:
             problems.append(f"{len(self.layer_types)} layer types for {self.num_layers} layers")
         if any(t not in (SLIDING, FULL) for t in self.layer_types):
             problems.append(f"unknown layer type in {sorted(set(self.layer_types))}")
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+        if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
             problems.append(f"{self.num_heads} heads is not a multiple of {self.num_kv_heads} kv heads")
         if self.head_dim % 2:
             problems.append(f"head_dim {self.head_dim} is odd (RoPE needs pairs)")
@@ -108,69 +112,103 @@ def preset(name: str) -> Gemma3Config:
         raise MtijaxError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-def _linear_factor(rope: Mapping[str, Any] | None, where: str) -> float:
-    if not rope:
-        return 1.0
+HF_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "sliding_window_pattern": 6, "rms_norm_eps": 1e-6, "max_position_embeddings": 131_072,
+    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "bos_token_id": 2, "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+"""transformers' ``Gemma3TextConfig`` defaults. transformers 4 saved a ``text_config`` without the fields equal
+to them: google/gemma-3-4b-it's names only six."""
+
+_KIND_NAMES = {int: "an integer", float: "a number", tuple: "a list"}
+
+
+def _as(kind: type, value: Any, name: str, where: str) -> Any:
+    """``kind(value)``, or a MtijaxError naming the field."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise MtijaxError(f"{where}: {name} must be {_KIND_NAMES[kind]}, got {value!r}") from None
+
+
+def _rope_sections(raw: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """The global and local layers' RoPE settings: per-layer-type ``rope_parameters`` (transformers 5), or
+    ``rope_scaling`` for the global layers (transformers 4)."""
+    rope = raw.get("rope_parameters") or {}
+    if isinstance(rope, Mapping) and (FULL in rope or SLIDING in rope):
+        full, local = rope.get(FULL) or {}, rope.get(SLIDING) or {}
+    else:
+        full, local = raw.get("rope_scaling") or {}, {}
+    for section in (full, local):
+        if not isinstance(section, Mapping):
+            raise MtijaxError(f"{where}: RoPE settings must be objects, got {section!r}")
+    return full, local
+
+
+def _linear_factor(rope: Mapping[str, Any], where: str) -> float:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return 1.0
     if kind == "linear":
-        return float(rope["factor"])
+        return _as(float, rope.get("factor"), "the linear RoPE factor", where)
     raise MtijaxError(f"{where}: RoPE type {kind!r} is not supported (default and linear are)")
 
 
-def _as_tuple(ids: Any) -> tuple[int, ...]:
-    if ids is None:
-        return ()
-    return tuple(int(i) for i in ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+def _checked(where: str, **values: Any) -> Gemma3Config:
+    """``Gemma3Config(**values)``, with the file the values came from named in its complaints."""
+    try:
+        return Gemma3Config(**values)
+    except MtijaxError as e:
+        raise MtijaxError(f"{where}: {e}") from None
 
 
 def config_from_hf(raw: Mapping[str, Any], where: str = "config.json") -> Gemma3Config:
-    """A config from a Hugging Face ``config.json`` dict (``gemma3_text``, or the text part of ``gemma3``)."""
+    """A config from a Hugging Face ``config.json`` dict (``gemma3_text``, or the text part of ``gemma3``).
+
+    Absent or null fields take transformers' defaults (:data:`HF_TEXT_DEFAULTS`).
+    """
     model_type = raw.get("model_type")
     if model_type == "gemma3":
-        raw = {**raw.get("text_config", {}), "eos_token_id": raw.get("eos_token_id", 1)}
+        text = raw.get("text_config") or {}
+        if not isinstance(text, Mapping):
+            raise MtijaxError(f"{where}: text_config must be an object, got {text!r}")
+        raw = {**text, "eos_token_id": raw.get("eos_token_id", text.get("eos_token_id"))}
         model_type = "gemma3_text"
     if model_type != "gemma3_text":
         raise MtijaxError(f"{where}: unknown architecture {model_type!r} (supported: gemma3_text, gemma3)")
-    try:
-        layers = int(raw["num_hidden_layers"])
-        heads = int(raw["num_attention_heads"])
-        hidden = int(raw["hidden_size"])
-        layer_types = raw.get("layer_types") or gemma3_layer_types(layers, int(raw.get("sliding_window_pattern", 6)))
-        rope = raw.get("rope_parameters") or {}
-        if "full_attention" in rope or "sliding_attention" in rope:
-            full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
-        else:
-            full, local = raw.get("rope_scaling") or {}, {}
-        global_base = full.get("rope_theta", raw.get("rope_theta", 1_000_000.0))
-        local_base = local.get("rope_theta", raw.get("rope_local_base_freq", 10_000.0))
-        eos = _as_tuple(raw.get("eos_token_id", 1))
-        return Gemma3Config(
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads", heads)),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar", 256)),
-            sliding_window=int(raw.get("sliding_window") or 4096),
-            layer_types=tuple(layer_types),
-            rope_global_base=float(global_base),
-            rope_local_base=float(local_base),
-            rope_global_scaling=_linear_factor(full, where),
-            rope_local_scaling=_linear_factor(local, where),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            final_logit_softcap=raw.get("final_logit_softcapping"),
-            attn_logit_softcap=raw.get("attn_logit_softcapping"),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 131_072)),
-            bos_token_id=int(raw.get("bos_token_id", 2) or 2),
-            eos_token_ids=eos,
-            pad_token_id=int(raw.get("pad_token_id", 0) or 0),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise MtijaxError(f"{where}: missing or malformed field {e}") from None
+    raw = {**HF_TEXT_DEFAULTS, **{key: value for key, value in raw.items() if value is not None}}
+    field = lambda kind, key: _as(kind, raw[key], key, where)
+    optional = lambda key: None if raw.get(key) is None else field(float, key)
+    layers = field(int, "num_hidden_layers")
+    layer_types = raw.get("layer_types") or gemma3_layer_types(layers, field(int, "sliding_window_pattern"))
+    full, local = _rope_sections(raw, where)
+    eos = raw["eos_token_id"] if isinstance(raw["eos_token_id"], (list, tuple)) else [raw["eos_token_id"]]
+    return _checked(
+        where,
+        vocab_size=field(int, "vocab_size"),
+        hidden_size=field(int, "hidden_size"),
+        intermediate_size=field(int, "intermediate_size"),
+        num_layers=layers,
+        num_heads=field(int, "num_attention_heads"),
+        num_kv_heads=field(int, "num_key_value_heads"),
+        head_dim=field(int, "head_dim"),
+        query_pre_attn_scalar=field(float, "query_pre_attn_scalar"),
+        sliding_window=field(int, "sliding_window"),
+        layer_types=_as(tuple, layer_types, "layer_types", where),
+        rope_global_base=_as(float, full.get("rope_theta", raw["rope_theta"]), "rope_theta", where),
+        rope_local_base=_as(float, local.get("rope_theta", raw["rope_local_base_freq"]), "rope_theta", where),
+        rope_global_scaling=_linear_factor(full, where),
+        rope_local_scaling=_linear_factor(local, where),
+        rms_norm_eps=field(float, "rms_norm_eps"),
+        final_logit_softcap=optional("final_logit_softcapping"),
+        attn_logit_softcap=optional("attn_logit_softcapping"),
+        max_position_embeddings=field(int, "max_position_embeddings"),
+        bos_token_id=field(int, "bos_token_id"),
+        eos_token_ids=tuple(_as(int, i, "eos_token_id", where) for i in eos),
+        pad_token_id=field(int, "pad_token_id"),
+    )
 
 
 def read_hf_config(directory: Path) -> Gemma3Config:
@@ -206,7 +244,8 @@ def config_from_gguf(meta: Mapping[str, Any], vocab_size: int, where: str,
             scaling = float(get("rope.scaling.factor"))
         eos = [int(meta.get("tokenizer.ggml.eos_token_id", 1))]
         eos += [i for i in extra_eos if i not in eos]
-        return Gemma3Config(
+        return _checked(
+            where,
             vocab_size=vocab_size,
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),

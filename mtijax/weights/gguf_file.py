@@ -29,6 +29,9 @@ class GGUFFile:
         self.location = str(self.path)
         if not self.path.is_file():
             raise MtijaxError(f"{self.path}: GGUF file is missing")
+        with open(self.path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise MtijaxError(f"{self.path}: not a GGUF file (a model is a Hugging Face directory or a .gguf file)")
         try:
             self.reader = gguf.GGUFReader(self.path)
         except Exception as e:  # the gguf package raises ValueError, IndexError, struct errors...

@@ -69,7 +69,7 @@ class HFDirectory:
         name = self.prefix + slot.hf_name
         shard = self.where.get(name)
         if shard is None or name not in shard:
-            place = f"{shard.path.name} (as the index says)" if shard is not None else self.location
+            place = f"{shard.path} (where the index puts it)" if shard is not None else self.location
             raise MtijaxError(f"tensor {name!r} is missing from {place}")
         return name, shard
 
