@@ -1,1 +1,25 @@
-"""mtijax: Gemma 3 as pure JAX functions of parameter pytrees, for research transforms."""
+"""mtijax: Gemma 3 as pure JAX functions of parameter pytrees, for research transforms.
+
+The public API::
+
+    model = mtijax.load("gemma3-270m")            # or a HF directory, or a .gguf file
+    out = mtijax.forward(model.config, model.params, tokens, capture=("resid_post",))
+    gen = mtijax.generate(model.config, model.params, [prompt_ids], 32)
+
+Everything is a pure function of ``(config, params, ...)``; ``config`` is a
+hashable static argument, ``params`` a plain pytree (see ``mtijax.models.gemma3``).
+"""
+
+from mtijax.api import Model, load, load_config
+from mtijax.config import PRESETS, Gemma3Config, preset
+from mtijax.errors import MtijaxError
+from mtijax.generate import Generation, Sampling, generate, generate_stream
+from mtijax.interventions import SITES, Patch, layer_mask
+from mtijax.models.cache import KVCache, init_cache
+from mtijax.models.gemma3 import ForwardOutput, block, forward, init_params, layer_spec, param_shapes
+
+__all__ = [
+    "Model", "load", "load_config", "PRESETS", "Gemma3Config", "preset", "MtijaxError",
+    "Generation", "Sampling", "generate", "generate_stream", "SITES", "Patch", "layer_mask",
+    "KVCache", "init_cache", "ForwardOutput", "block", "forward", "init_params", "layer_spec", "param_shapes",
+]
