@@ -1,0 +1,127 @@
+"""The embedded Gemma 3 270M GGUF agrees with transformers loading the same file (CPU, float32).
+
+Both sides dequantise the same Q4_K_M tensors, so logits agree to about 1e-4
+and greedy continuations token for token. The models are session fixtures
+(loading each takes 20-30 s); the transformers tokenizer and its greedy
+continuations are computed once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from mtijax.cli import main
+from mtijax.generate import generate
+from mtijax.models.gemma3 import forward
+from mtijax.tokenizer import cache_root, load_gguf_tokenizer
+from mtijax.weights.default import default_model_path
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,")
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    """transformers' own tokenizer read from the GGUF metadata (no mtijax code involved)."""
+    from transformers import AutoTokenizer
+
+    path = default_model_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(real_model) -> list[list[int]]:
+    return [real_model.tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(real_hf_model, prompt_ids) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, never stopping early."""
+    out = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            tokens = real_hf_model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                            eos_token_id=None, pad_token_id=0)
+            out.append(tokens[0, len(ids):].tolist())
+    return out
+
+
+def test_tokenizer_matches_transformers_gguf_tokenizer(real_model, hf_tokenizer, prompt_ids):
+    """mtijax's (cached) tokenizer gives transformers' ids, BOS first."""
+    assert prompt_ids == [hf_tokenizer(p)["input_ids"] for p in PROMPTS]
+    assert all(ids[0] == real_model.config.bos_token_id for ids in prompt_ids)
+
+
+def test_second_tokenizer_load_is_served_from_the_disk_cache(real_model, hf_tokenizer, monkeypatch):
+    """The model fixture converted the GGUF vocabulary once; loading the tokenizer again reads the saved
+    conversion under ``$MTIJAX_CACHE/tokenizers`` (no GGUF parsing) and is fast."""
+    from transformers import AutoTokenizer
+
+    calls = []
+    original = AutoTokenizer.from_pretrained
+
+    def recording_from_pretrained(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", recording_from_pretrained)
+    start = time.perf_counter()
+    tokenizer = load_gguf_tokenizer(default_model_path())
+    elapsed = time.perf_counter() - start
+
+    cache_dir = cache_root() / "tokenizers"
+    assert cache_dir.is_dir()
+    assert len(calls) == 1 and "gguf_file" not in calls[0][1]
+    loaded_from = Path(calls[0][0][0])
+    assert loaded_from.parent == cache_dir and (loaded_from / "tokenizer_config.json").is_file()
+    assert elapsed < 8, f"a cached tokenizer load took {elapsed:.1f} s"
+    assert [tokenizer(p)["input_ids"] for p in PROMPTS] == [hf_tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+def test_logits_and_next_token_match_transformers(real_model, real_hf_model, prompt_ids):
+    """One left-padded batch of the three prompts: every real position's logits match transformers run on
+    each prompt alone, and so does the top-1 next token."""
+    width = max(map(len, prompt_ids))
+    tokens = np.zeros((len(prompt_ids), width), np.int32)
+    positions = np.full((len(prompt_ids), width), -1, np.int32)
+    for row, ids in enumerate(prompt_ids):
+        tokens[row, width - len(ids):] = ids
+        positions[row, width - len(ids):] = np.arange(len(ids))
+    logits = np.asarray(forward(real_model.config, real_model.params, jnp.asarray(tokens),
+                                jnp.asarray(positions)).logits)
+    for row, ids in enumerate(prompt_ids):
+        with torch.no_grad():
+            expected = real_hf_model(torch.tensor([ids])).logits[0].numpy()
+        got = logits[row, width - len(ids):]
+        np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0, err_msg=PROMPTS[row])
+        assert got[-1].argmax() == expected[-1].argmax()
+
+
+def test_greedy_continuations_match_transformers(real_model, prompt_ids, hf_greedy):
+    """16 greedy tokens for the three prompts generated as one batch equal transformers' per prompt."""
+    got = generate(real_model.config, real_model.params, prompt_ids, NEW_TOKENS, stop_ids=())
+    assert got.tokens.tolist() == hf_greedy
+    assert all(len(set(ids)) > 3 for ids in hf_greedy), "the reference continuations should not be degenerate"
+
+
+def test_cli_generates_transformers_greedy_ids(real_model, hf_tokenizer, prompt_ids, hf_greedy, capsys):
+    """``mtijax generate "The capital of France is" --max-new-tokens 8 --json`` loads the embedded model
+    and prints transformers' greedy ids (cut at an end-of-sequence token) and their text."""
+    status = main(["generate", PROMPTS[0], "--max-new-tokens", "8", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    expected = hf_greedy[0][:8]
+    stops = [i for i, t in enumerate(expected) if t in real_model.config.eos_token_ids]
+    expected = expected[:stops[0]] if stops else expected
+    assert status == 0
+    assert out["prompt_ids"] == prompt_ids[0]
+    assert out["ids"] == expected
+    assert out["text"] == hf_tokenizer.decode(expected, skip_special_tokens=True)
