@@ -186,7 +186,8 @@ def forward_hidden(config: Gemma3Config, params: Params, tokens: jax.Array, posi
 
 def forward(config: Gemma3Config, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
             cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
-            capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None) -> ForwardOutput:
+            capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
+            unroll: int | bool = 1) -> ForwardOutput:
     """Run the decoder over ``tokens [B, S]``; pure, so ``jax.jit`` it with ``config`` static.
 
     Args:
@@ -195,7 +196,8 @@ def forward(config: Gemma3Config, params: Params, tokens: jax.Array, positions: 
         are written into it at slots ``write_index .. write_index + S - 1``.
       capture: site names whose activations to return (see ``mtijax.interventions``).
       patches: site name -> :class:`Patch` with a leading ``[L]`` axis.
+      unroll: passed to the layer ``lax.scan``; True unrolls it (faster decode on GPU, slower compile).
     """
     x, cache, captured = forward_hidden(config, params, tokens, positions, cache=cache, write_index=write_index,
-                                        capture=capture, patches=patches)
+                                        capture=capture, patches=patches, unroll=unroll)
     return ForwardOutput(unembed(config, params, x), cache, captured)
