@@ -81,6 +81,8 @@ class Gemma3Config:
 
 def gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
     """Gemma 3's default pattern: every ``pattern``-th layer is global, the rest sliding."""
+    if pattern < 1:
+        raise MtijaxError(f"sliding_window_pattern must be at least 1, got {pattern}")
     return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
 
 
@@ -264,7 +266,7 @@ def config_from_gguf(meta: Mapping[str, Any], vocab_size: int, where: str,
             eos_token_ids=tuple(eos),
             pad_token_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise MtijaxError(f"{where}: missing or malformed GGUF metadata {e}") from None
 
 

@@ -10,7 +10,8 @@ import torch
 from transformers import Gemma3Config as HFGemma3Config
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from mtijax.config import FULL, PRESETS, SLIDING, Gemma3Config, config_from_hf
+from mtijax.config import FULL, PRESETS, SLIDING, Gemma3Config, config_from_gguf, config_from_hf
+from mtijax.errors import MtijaxError
 
 PUBLISHED = {
     # The text decoders' fields in the config.json of google/gemma-3-{270m,1b-it,4b-it,12b-it,27b-it}; fields
@@ -122,3 +123,13 @@ def test_embedded_gguf_has_the_270m_preset_config():
     preset = PRESETS["gemma3-270m"]
     assert config.rms_norm_eps == pytest.approx(preset.rms_norm_eps)  # GGUF stores it as float32
     assert dataclasses.replace(config, rms_norm_eps=preset.rms_norm_eps) == preset
+
+
+def test_degenerate_layer_pattern_and_gguf_head_count_are_user_errors():
+    """A zero layer pattern or zero GGUF head count is reported, not a ZeroDivisionError."""
+    with pytest.raises(MtijaxError, match="sliding_window_pattern"):
+        config_from_hf({"model_type": "gemma3_text", "sliding_window_pattern": 0, "layer_types": None})
+    meta = {"general.architecture": "gemma3", "gemma3.block_count": 2, "gemma3.embedding_length": 64,
+            "gemma3.attention.head_count": 0, "gemma3.feed_forward_length": 128}
+    with pytest.raises(MtijaxError, match="x.gguf"):
+        config_from_gguf(meta, 256, "x.gguf")

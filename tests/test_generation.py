@@ -260,3 +260,13 @@ def test_stop_token_on_the_last_step_is_still_a_stop(model):
     assert stopped.ids(0, keep_stop=True) == free[:k + 1]
     unstopped = generate(model.config, model.params, prompt, k + 1, stop_ids=())
     assert unstopped.ids(0) == free[:k + 1]
+
+
+def test_forward_rejects_a_write_past_the_end_of_the_cache(tiny_gqa):
+    """Writing more tokens than the cache has slots left is a user error, not a silent clamp."""
+    _, directory = tiny_gqa
+    model = load(directory, progress=False)
+    c = model.config
+    cache = init_cache(c.num_layers, 1, 16, c.num_kv_heads, c.head_dim)
+    with pytest.raises(MtijaxError, match="16-slot cache"):
+        forward(c, model.params, jnp.ones((1, 4), jnp.int32), cache=cache, write_index=14)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtijax.config import SLIDING, Gemma3Config
+from mtijax.errors import MtijaxError
 from mtijax.interventions import Patch, Sites, check_sites
 from mtijax.models import cache as kv
 from mtijax.models.layers import apply_rope, attention, gelu_tanh, rms_norm, rope_inv_freq
@@ -164,6 +165,8 @@ def forward_hidden(config: Gemma3Config, params: Params, tokens: jax.Array, posi
     capture = check_sites(capture)
     check_sites((patches or {}).keys())
     b, s = tokens.shape
+    if cache is not None and isinstance(write_index, int) and not 0 <= write_index <= cache.length - s:
+        raise MtijaxError(f"cannot write {s} tokens at slot {write_index} of a {cache.length}-slot cache")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     spec = jax.tree.map(jnp.asarray, layer_spec(config))
