@@ -72,5 +72,5 @@ def load(name_or_path: str | Path | None = None, dtype: str = "float32", *, toke
     else:
         source = GGUFFile(path)
         config = source.config()
-        tok = load_gguf_tokenizer(path) if tokenizer else None
+        tok = load_gguf_tokenizer(source) if tokenizer else None
     return Model(config, load_params(config, source, dtype, progress), tok, str(path))
