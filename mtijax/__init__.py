@@ -16,10 +16,11 @@ from mtijax.errors import MtijaxError
 from mtijax.generate import Generation, Sampling, generate, generate_stream
 from mtijax.interventions import SITES, Patch, layer_mask
 from mtijax.models.cache import KVCache, init_cache
-from mtijax.models.gemma3 import ForwardOutput, block, forward, init_params, layer_spec, param_shapes
+from mtijax.models.decoder import ForwardOutput, forward, forward_hidden
+from mtijax.models.gemma3 import block, init_params, layer_spec, param_shapes
 
 __all__ = [
     "Model", "load", "load_config", "PRESETS", "Gemma3Config", "preset", "MtijaxError",
     "Generation", "Sampling", "generate", "generate_stream", "SITES", "Patch", "layer_mask",
-    "KVCache", "init_cache", "ForwardOutput", "block", "forward", "init_params", "layer_spec", "param_shapes",
+    "KVCache", "init_cache", "ForwardOutput", "block", "forward", "forward_hidden", "init_params", "layer_spec", "param_shapes",
 ]

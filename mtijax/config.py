@@ -79,6 +79,10 @@ class Gemma3Config:
         return self.vocab_size * d + self.num_layers * per_layer + d
 
 
+ModelConfig = Gemma3Config
+"""Any architecture's config (one architecture so far)."""
+
+
 def gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
     """Gemma 3's default pattern: every ``pattern``-th layer is global, the rest sliding."""
     if pattern < 1:

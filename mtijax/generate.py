@@ -26,7 +26,7 @@ import numpy as np
 from mtijax.config import Gemma3Config
 from mtijax.errors import MtijaxError
 from mtijax.models import cache as kv
-from mtijax.models.gemma3 import Params, forward_hidden, unembed
+from mtijax.models.decoder import Params, forward_hidden, unembed
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 BUCKET = 16

@@ -11,7 +11,7 @@ import torch
 from mtijax.api import load
 from mtijax.cli import main
 from mtijax.generate import generate
-from mtijax.models.gemma3 import forward
+from mtijax.models.decoder import forward
 from tests.conftest import random_prompts
 
 

@@ -19,7 +19,7 @@ import torch
 
 from mtijax.cli import main
 from mtijax.generate import generate
-from mtijax.models.gemma3 import forward
+from mtijax.models.decoder import forward
 from mtijax.tokenizer import cache_root, load_gguf_tokenizer
 from mtijax.weights.default import default_model_path
 

@@ -1,0 +1,104 @@
+"""The decoder forward pass shared by every architecture: embed, one ``lax.scan`` of the block, unembed.
+
+An architecture is a module (``mtijax.models.gemma3``, ...) that provides
+``param_shapes``, ``init_params``, ``layer_spec``, ``embed``, ``block`` and
+``unembed`` for its config type; :func:`family` picks it from the config.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtijax.config import ModelConfig
+from mtijax.errors import MtijaxError
+from mtijax.interventions import Patch, Sites, check_sites
+from mtijax.models import cache as kv
+
+Params = dict[str, Any]
+
+
+class ForwardOutput(NamedTuple):
+    """What :func:`forward` returns.
+
+    Attributes:
+      logits: ``[B, S, V]`` float32.
+      cache: the cache with this call's keys and values written, or None.
+      captured: site name -> ``[L, B, S, ...]`` for each captured site.
+    """
+
+    logits: jax.Array
+    cache: kv.KVCache | None
+    captured: dict[str, jax.Array]
+
+
+def family(config: ModelConfig) -> ModuleType:
+    """The module implementing ``config``'s architecture."""
+    from mtijax.models import gemma3
+
+    families = {"gemma3": gemma3}
+    try:
+        return families[config.architecture]
+    except KeyError:
+        raise MtijaxError(f"unknown architecture {config.architecture!r}") from None
+
+
+def unembed(config: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
+    """Final norm and output head of ``config``'s architecture: ``[..., D]`` -> float32 logits ``[..., V]``."""
+    return family(config).unembed(config, params, x)
+
+
+def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
+                   cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
+                   capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
+                   unroll: int | bool = 1) -> tuple[jax.Array, kv.KVCache | None, dict[str, jax.Array]]:
+    """:func:`forward` without the output head: returns the last residual stream ``[B, S, D]``, cache, captures.
+
+    ``unroll`` is passed to the layer ``lax.scan`` (True: straight-line code, one copy of the block per layer).
+    """
+    capture = check_sites(capture)
+    check_sites((patches or {}).keys())
+    b, s = tokens.shape
+    if cache is not None and isinstance(write_index, int) and not 0 <= write_index <= cache.length - s:
+        raise MtijaxError(f"cannot write {s} tokens at slot {write_index} of a {cache.length}-slot cache")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    arch = family(config)
+    spec = jax.tree.map(jnp.asarray, arch.layer_spec(config))
+    x = arch.embed(config, params, tokens)
+    cache_xs = None if cache is None else (cache.k, cache.v)
+
+    def step(x, xs):
+        layer, layer_spec_l, layer_cache, layer_patches = xs
+        cache_kv = None if layer_cache is None else (*layer_cache, cache.positions)
+        sites = Sites(capture, layer_patches)
+        x, new_kv = arch.block(config, layer, layer_spec_l, x, positions, cache_kv, sites)
+        return x, (new_kv, sites.captured)
+
+    x, (new_kv, captured) = jax.lax.scan(step, x, (params["layers"], spec, cache_xs, dict(patches or {})),
+                                         unroll=unroll)
+    if cache is not None:
+        cache = kv.write(cache, *new_kv, positions, write_index)
+    return x, cache, captured
+
+
+def forward(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
+            cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
+            capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
+            unroll: int | bool = 1) -> ForwardOutput:
+    """Run the decoder over ``tokens [B, S]``; pure, so ``jax.jit`` it with ``config`` static.
+
+    Args:
+      positions: ``[B, S]`` int32 token positions, -1 for padding; default ``0..S-1``.
+      cache: if given, the tokens attend to the cache and their keys and values
+        are written into it at slots ``write_index .. write_index + S - 1``.
+      capture: site names whose activations to return (see ``mtijax.interventions``).
+      patches: site name -> :class:`Patch` with a leading ``[L]`` axis.
+      unroll: passed to the layer ``lax.scan``; True unrolls it (faster decode on GPU, slower compile).
+    """
+    x, cache, captured = forward_hidden(config, params, tokens, positions, cache=cache, write_index=write_index,
+                                        capture=capture, patches=patches, unroll=unroll)
+    return ForwardOutput(unembed(config, params, x), cache, captured)
