@@ -79,8 +79,75 @@ class Gemma3Config:
         return self.vocab_size * d + self.num_layers * per_layer + d
 
 
-ModelConfig = Gemma3Config
-"""Any architecture's config (one architecture so far)."""
+@dataclasses.dataclass(frozen=True)
+class OlmoeConfig:
+    """Shapes and hyper-parameters of an OLMoE decoder (mixture of experts in every layer).
+
+    Every layer routes each token to ``num_experts_per_tok`` of ``num_experts``
+    SwiGLU experts of width ``intermediate_size`` (softmax over the router
+    logits, top-k, renormalised when ``norm_topk_prob``). Attention applies
+    RMSNorm to the whole q and k projections and clips q, k, v to
+    ``[-clip_qkv, clip_qkv]`` when that is set.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool = False
+    clip_qkv: float | None = None
+    rope_base: float = 10_000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = (50279,)
+    pad_token_id: int = 1
+    architecture: str = "olmoe"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "num_experts", "num_experts_per_tok"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not problems and (self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads):
+            problems.append(f"hidden {self.hidden_size}, {self.num_heads} heads and {self.num_kv_heads} kv heads "
+                            "do not divide evenly")
+        if not problems and self.num_experts_per_tok > self.num_experts:
+            problems.append(f"top-k {self.num_experts_per_tok} is larger than the {self.num_experts} experts")
+        if not problems and self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} is odd (RoPE needs pairs)")
+        if problems:
+            raise MtijaxError("invalid OLMoE config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        """hidden_size / num_heads."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters (the output head counted unless tied)."""
+        d, f, h, e = self.hidden_size, self.intermediate_size, self.head_dim, self.num_experts
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads) + h * (self.num_heads + self.num_kv_heads)
+        per_layer = attn + d * e + 3 * e * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + head + self.num_layers * per_layer + d
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token uses (only its top-k experts)."""
+        inactive = self.num_experts - self.num_experts_per_tok
+        return self.num_params - self.num_layers * inactive * 3 * self.hidden_size * self.intermediate_size
+
+
+ModelConfig = Gemma3Config | OlmoeConfig
+"""Any architecture's config."""
 
 
 def gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
@@ -100,7 +167,7 @@ def _preset(layers: int, hidden: int, ffn: int, heads: int, kv: int, head_dim: i
     )
 
 
-PRESETS: dict[str, Gemma3Config] = {
+PRESETS: dict[str, ModelConfig] = {
     "gemma3-270m": _preset(18, 640, 2048, 4, 1, 256, 512, 262_144, 1.0, 256, 32_768),
     "gemma3-1b": _preset(26, 1152, 6912, 4, 1, 256, 512, 262_144, 1.0, 256, 32_768),
     "gemma3-4b": _preset(34, 2560, 10240, 8, 4, 256, 1024, 262_208, 8.0, 256, 131_072),
@@ -109,8 +176,13 @@ PRESETS: dict[str, Gemma3Config] = {
 }
 """Published shapes of the Gemma 3 text models (the 4B-27B are the text part of the multimodal models)."""
 
+PRESETS["olmoe-1b-7b"] = OlmoeConfig(
+    vocab_size=50_304, hidden_size=2048, intermediate_size=1024, num_layers=16, num_heads=16, num_kv_heads=16,
+    num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, max_position_embeddings=4096)
+"""allenai/OLMoE-1B-7B-0125: 6.9B parameters, 1.3B active per token."""
 
-def preset(name: str) -> Gemma3Config:
+
+def preset(name: str) -> ModelConfig:
     """The config of a published model size, e.g. ``preset("gemma3-12b")``."""
     try:
         return PRESETS[name]
@@ -162,16 +234,16 @@ def _linear_factor(rope: Mapping[str, Any], where: str) -> float:
     raise MtijaxError(f"{where}: RoPE type {kind!r} is not supported (default and linear are)")
 
 
-def _checked(where: str, **values: Any) -> Gemma3Config:
-    """``Gemma3Config(**values)``, with the file the values came from named in its complaints."""
+def _checked(where: str, kind: type = Gemma3Config, **values: Any) -> ModelConfig:
+    """``kind(**values)``, with the file the values came from named in its complaints."""
     try:
-        return Gemma3Config(**values)
+        return kind(**values)
     except MtijaxError as e:
         raise MtijaxError(f"{where}: {e}") from None
 
 
-def config_from_hf(raw: Mapping[str, Any], where: str = "config.json") -> Gemma3Config:
-    """A config from a Hugging Face ``config.json`` dict (``gemma3_text``, or the text part of ``gemma3``).
+def config_from_hf(raw: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
+    """A config from a Hugging Face ``config.json`` dict (``gemma3_text``, the text part of ``gemma3``, ``olmoe``).
 
     Absent or null fields take transformers' defaults (:data:`HF_TEXT_DEFAULTS`).
     """
@@ -182,8 +254,10 @@ def config_from_hf(raw: Mapping[str, Any], where: str = "config.json") -> Gemma3
             raise MtijaxError(f"{where}: text_config must be an object, got {text!r}")
         raw = {**text, "eos_token_id": raw.get("eos_token_id", text.get("eos_token_id"))}
         model_type = "gemma3_text"
+    if model_type == "olmoe":
+        return _olmoe_from_hf(raw, where)
     if model_type != "gemma3_text":
-        raise MtijaxError(f"{where}: unknown architecture {model_type!r} (supported: gemma3_text, gemma3)")
+        raise MtijaxError(f"{where}: unknown architecture {model_type!r} (supported: gemma3_text, gemma3, olmoe)")
     raw = {**HF_TEXT_DEFAULTS, **{key: value for key, value in raw.items() if value is not None}}
     field = lambda kind, key: _as(kind, raw[key], key, where)
     optional = lambda key: None if raw.get(key) is None else field(float, key)
@@ -217,7 +291,48 @@ def config_from_hf(raw: Mapping[str, Any], where: str = "config.json") -> Gemma3
     )
 
 
-def read_hf_config(directory: Path) -> Gemma3Config:
+HF_OLMOE_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50_304, "hidden_size": 2048, "intermediate_size": 2048, "num_hidden_layers": 16,
+    "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
+    "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "rope_theta": 10_000.0, "eos_token_id": 50279,
+    "pad_token_id": 1, "tie_word_embeddings": False,
+}
+"""transformers' ``OlmoeConfig`` defaults."""
+
+
+def _olmoe_from_hf(raw: Mapping[str, Any], where: str) -> OlmoeConfig:
+    raw = {**HF_OLMOE_DEFAULTS, **{key: value for key, value in raw.items() if value is not None}}
+    field = lambda kind, key: _as(kind, raw[key], key, where)
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise MtijaxError(f"{where}: RoPE settings must be an object, got {rope!r}")
+    if _linear_factor(rope, where) != 1.0:
+        raise MtijaxError(f"{where}: OLMoE with scaled RoPE is not supported")
+    eos = raw["eos_token_id"] if isinstance(raw["eos_token_id"], (list, tuple)) else [raw["eos_token_id"]]
+    heads = field(int, "num_attention_heads")
+    return _checked(
+        where, OlmoeConfig,
+        vocab_size=field(int, "vocab_size"),
+        hidden_size=field(int, "hidden_size"),
+        intermediate_size=field(int, "intermediate_size"),
+        num_layers=field(int, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=_as(int, raw.get("num_key_value_heads", heads), "num_key_value_heads", where),
+        num_experts=_as(int, raw.get("num_experts", raw.get("num_local_experts")), "num_experts", where),
+        num_experts_per_tok=field(int, "num_experts_per_tok"),
+        norm_topk_prob=bool(raw["norm_topk_prob"]),
+        clip_qkv=None if raw.get("clip_qkv") is None else field(float, "clip_qkv"),
+        rope_base=_as(float, rope.get("rope_theta", raw["rope_theta"]), "rope_theta", where),
+        rms_norm_eps=field(float, "rms_norm_eps"),
+        max_position_embeddings=field(int, "max_position_embeddings"),
+        tie_word_embeddings=bool(raw["tie_word_embeddings"]),
+        bos_token_id=None if raw.get("bos_token_id") is None else field(int, "bos_token_id"),
+        eos_token_ids=tuple(_as(int, i, "eos_token_id", where) for i in eos),
+        pad_token_id=field(int, "pad_token_id"),
+    )
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
     """Read ``directory/config.json``."""
     path = Path(directory) / "config.json"
     if not path.is_file():
@@ -230,8 +345,8 @@ def read_hf_config(directory: Path) -> Gemma3Config:
 
 
 def config_from_gguf(meta: Mapping[str, Any], vocab_size: int, where: str,
-                     extra_eos: tuple[int, ...] = ()) -> Gemma3Config:
-    """A config from GGUF metadata (llama.cpp architecture ``gemma3``).
+                     extra_eos: tuple[int, ...] = ()) -> ModelConfig:
+    """A config from GGUF metadata (llama.cpp architectures ``gemma3`` and ``olmoe``).
 
     GGUF does not record ``query_pre_attn_scalar``, the local RoPE base or the
     layer pattern; like llama.cpp we take head_dim (hidden / heads for the
@@ -239,8 +354,10 @@ def config_from_gguf(meta: Mapping[str, Any], vocab_size: int, where: str,
     tokens the metadata does not name (the chat models' ``<end_of_turn>``).
     """
     arch = meta.get("general.architecture")
+    if arch == "olmoe":
+        return _olmoe_from_gguf(meta, vocab_size, where)
     if arch != "gemma3":
-        raise MtijaxError(f"{where}: unknown GGUF architecture {arch!r} (supported: gemma3)")
+        raise MtijaxError(f"{where}: unknown GGUF architecture {arch!r} (supported: gemma3, olmoe)")
     try:
         get = lambda key, *default: meta[f"gemma3.{key}"] if not default else meta.get(f"gemma3.{key}", default[0])
         layers, hidden, heads = int(get("block_count")), int(get("embedding_length")), int(get("attention.head_count"))
@@ -274,10 +391,42 @@ def config_from_gguf(meta: Mapping[str, Any], vocab_size: int, where: str,
         raise MtijaxError(f"{where}: missing or malformed GGUF metadata {e}") from None
 
 
-def describe(config: Gemma3Config) -> dict[str, Any]:
+def _olmoe_from_gguf(meta: Mapping[str, Any], vocab_size: int, where: str) -> OlmoeConfig:
+    try:
+        get = lambda key, *default: meta[f"olmoe.{key}"] if not default else meta.get(f"olmoe.{key}", default[0])
+        heads = int(get("attention.head_count"))
+        clip = get("attention.clamp_kqv", None)
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        return _checked(
+            where, OlmoeConfig,
+            vocab_size=vocab_size,
+            hidden_size=int(get("embedding_length")),
+            intermediate_size=int(get("expert_feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(get("attention.head_count_kv", heads)),
+            num_experts=int(get("expert_count")),
+            num_experts_per_tok=int(get("expert_used_count")),
+            norm_topk_prob=bool(get("expert_weights_norm", False)),
+            clip_qkv=None if clip is None else float(clip),
+            rope_base=float(get("rope.freq_base", 10_000.0)),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            max_position_embeddings=int(get("context_length", 4096)),
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_ids=(int(meta.get("tokenizer.ggml.eos_token_id", 50279)),),
+            pad_token_id=int(meta.get("tokenizer.ggml.padding_token_id", 1)),
+        )
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise MtijaxError(f"{where}: missing or malformed GGUF metadata {e}") from None
+
+
+def _human(count: int) -> str:
+    return f"{count / 1e6:.1f}M" if count < 1e9 else f"{count / 1e9:.2f}B"
+
+
+def describe(config: ModelConfig) -> dict[str, Any]:
     """A JSON-friendly summary used by ``mtijax info``."""
-    n_full = sum(t == FULL for t in config.layer_types)
-    return {
+    summary = {
         "architecture": config.architecture,
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
@@ -286,8 +435,14 @@ def describe(config: Gemma3Config) -> dict[str, Any]:
         "kv_heads": config.num_kv_heads,
         "head_dim": config.head_dim,
         "vocab_size": config.vocab_size,
-        "sliding_window": config.sliding_window,
-        "layer_pattern": f"{config.num_layers - n_full} sliding + {n_full} global",
-        "parameters": config.num_params,
-        "params_human": f"{config.num_params / 1e6:.1f}M" if config.num_params < 1e9 else f"{config.num_params / 1e9:.2f}B",
     }
+    if isinstance(config, OlmoeConfig):
+        summary["experts"] = f"{config.num_experts_per_tok} of {config.num_experts} per token"
+        summary["active_parameters"] = config.num_active_params
+    else:
+        n_full = sum(t == FULL for t in config.layer_types)
+        summary["sliding_window"] = config.sliding_window
+        summary["layer_pattern"] = f"{config.num_layers - n_full} sliding + {n_full} global"
+    summary["parameters"] = config.num_params
+    summary["params_human"] = _human(config.num_params)
+    return summary

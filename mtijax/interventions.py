@@ -27,6 +27,12 @@ resid_post    [B, S, D]       residual stream leaving the block
 ============  ==============  ================================================
 
 A patched ``attn_k``/``attn_v`` changes what is written to the KV cache.
+
+OLMoE blocks have the same sites (its q/k norms act on the whole projection,
+after ``attn_q``/``attn_k``) and, between ``resid_mid`` and ``mlp_out``, its
+router: ``router_logits [B, S, E]`` (patchable), and the capture-only
+``router_experts [B, S, k]`` (int32, chosen experts, best first) and
+``router_weights [B, S, k]`` (their mixing weights).
 """
 
 from __future__ import annotations
@@ -40,8 +46,13 @@ from flax import struct
 from mtijax.errors import MtijaxError
 
 SITES: tuple[str, ...] = (
-    "resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post",
+    "resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "router_logits", "mlp_out",
+    "resid_post",
 )
+"""Sites that can be captured and patched."""
+
+ROUTING: tuple[str, ...] = ("router_experts", "router_weights")
+"""Mixture-of-experts decisions: captured, never patched (patch ``router_logits`` to change them)."""
 
 
 @struct.dataclass
@@ -71,12 +82,17 @@ def layer_mask(num_layers: int, layers: Iterable[int]) -> jax.Array:
     return jnp.zeros((num_layers,), jnp.float32).at[jnp.asarray(chosen, jnp.int32)].set(1.0)
 
 
-def check_sites(names: Iterable[str]) -> tuple[str, ...]:
-    """Validate site names; returns them as a sorted tuple (a hashable jit static)."""
+def check_sites(names: Iterable[str], *, patching: bool = False) -> tuple[str, ...]:
+    """Validate site names (for capture, or for patches); returns them as a sorted tuple (a jit static)."""
+    if isinstance(names, str):
+        raise MtijaxError(f"sites must be a collection of names, got the string {names!r}")
     names = tuple(sorted(set(names)))
-    unknown = [n for n in names if n not in SITES]
+    unknown = [n for n in names if n not in SITES + ROUTING]
     if unknown:
-        raise MtijaxError(f"unknown activation site {unknown[0]!r}; sites are {', '.join(SITES)}")
+        raise MtijaxError(f"unknown activation site {unknown[0]!r}; sites are {', '.join(SITES + ROUTING)}")
+    routing = [n for n in names if n in ROUTING]
+    if patching and routing:
+        raise MtijaxError(f"activation site {routing[0]!r} can be captured but not patched; patch router_logits")
     return names
 
 
@@ -104,9 +120,15 @@ class Sites:
         self.capture = capture
         self.patches = patches or {}
         self.captured: dict[str, jax.Array] = {}
+        self.visited: set[str] = set()
 
     def __call__(self, name: str, h: jax.Array) -> jax.Array:
         h = apply_patch(h, self.patches.get(name))
+        return self.record(name, h)
+
+    def record(self, name: str, value: jax.Array) -> jax.Array:
+        """Keep ``value`` if ``name`` is captured (no patching: for the routing decisions)."""
+        self.visited.add(name)
         if name in self.capture:
-            self.captured[name] = h
-        return h
+            self.captured[name] = value
+        return value

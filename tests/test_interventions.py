@@ -16,9 +16,10 @@ import torch
 
 from mtijax.api import load
 from mtijax.errors import MtijaxError
-from mtijax.interventions import SITES, Patch, layer_mask
+from mtijax.interventions import Patch, layer_mask
 from mtijax.models.cache import init_cache
 from mtijax.models.decoder import forward
+from mtijax.models.gemma3 import SITES
 from mtijax.models.layers import rms_norm
 from tests.conftest import random_prompts
 

@@ -37,9 +37,9 @@ class ForwardOutput(NamedTuple):
 
 def family(config: ModelConfig) -> ModuleType:
     """The module implementing ``config``'s architecture."""
-    from mtijax.models import gemma3
+    from mtijax.models import gemma3, olmoe
 
-    families = {"gemma3": gemma3}
+    families = {"gemma3": gemma3, "olmoe": olmoe}
     try:
         return families[config.architecture]
     except KeyError:
@@ -60,7 +60,7 @@ def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, posit
     ``unroll`` is passed to the layer ``lax.scan`` (True: straight-line code, one copy of the block per layer).
     """
     capture = check_sites(capture)
-    check_sites((patches or {}).keys())
+    check_sites((patches or {}).keys(), patching=True)
     b, s = tokens.shape
     if cache is not None and isinstance(write_index, int) and not 0 <= write_index <= cache.length - s:
         raise MtijaxError(f"cannot write {s} tokens at slot {write_index} of a {cache.length}-slot cache")
@@ -70,16 +70,21 @@ def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, posit
     spec = jax.tree.map(jnp.asarray, arch.layer_spec(config))
     x = arch.embed(config, params, tokens)
     cache_xs = None if cache is None else (cache.k, cache.v)
+    visited: set[str] = set()
 
     def step(x, xs):
         layer, layer_spec_l, layer_cache, layer_patches = xs
         cache_kv = None if layer_cache is None else (*layer_cache, cache.positions)
         sites = Sites(capture, layer_patches)
         x, new_kv = arch.block(config, layer, layer_spec_l, x, positions, cache_kv, sites)
+        visited.update(sites.visited)
         return x, (new_kv, sites.captured)
 
     x, (new_kv, captured) = jax.lax.scan(step, x, (params["layers"], spec, cache_xs, dict(patches or {})),
                                          unroll=unroll)
+    missing = sorted((set(capture) | set(patches or {})) - visited)
+    if missing:
+        raise MtijaxError(f"{config.architecture} has no activation site {missing[0]!r}")
     if cache is not None:
         cache = kv.write(cache, *new_kv, positions, write_index)
     return x, cache, captured

@@ -38,6 +38,8 @@ from mtijax.interventions import Sites
 from mtijax.models.layers import apply_rope, attention, gelu_tanh, rms_norm, rope_inv_freq
 
 Params = dict[str, Any]
+SITES = ("resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post")
+"""The activation sites a Gemma 3 block passes through, in order (see ``mtijax.interventions``)."""
 NO_WINDOW = 2**30
 """Window of a global layer: larger than any position."""
 

@@ -27,6 +27,7 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.location = str(self.path)
+        self.format = "gguf"
         if not self.path.is_file():
             raise MtijaxError(f"{self.path}: GGUF file is missing")
         with open(self.path, "rb") as f:
@@ -58,9 +59,9 @@ class GGUFFile:
         return config_from_gguf(self.metadata, int(embed.shape[1]), str(self.path), tuple(extra_eos))
 
     def _tensor(self, slot: TensorSlot):
-        tensor = self.tensors.get(slot.gguf_name)
+        tensor = self.tensors.get(slot.name)
         if tensor is None:
-            raise MtijaxError(f"tensor {slot.gguf_name!r} is missing from {self.path}")
+            raise MtijaxError(f"tensor {slot.name!r} is missing from {self.path}")
         return tensor
 
     def shape(self, slot: TensorSlot) -> tuple[int, ...]:
@@ -71,11 +72,11 @@ class GGUFFile:
         try:
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError:
-            raise MtijaxError(f"{self.path}: tensor {slot.gguf_name!r} has type {tensor.tensor_type.name}, "
+            raise MtijaxError(f"{self.path}: tensor {slot.name!r} has type {tensor.tensor_type.name}, "
                               "which the gguf package cannot dequantize") from None
         values = values.reshape(self.shape(slot))
-        return values - np.float32(1.0) if slot.gguf_norm_shift else values
+        return values - np.float32(1.0) if slot.norm_shift else values
 
     def describe(self, slot: TensorSlot) -> str:
         """``tensor 'name' in file``."""
-        return f"tensor {slot.gguf_name!r} in {self.path}"
+        return f"tensor {slot.name!r} in {self.path}"

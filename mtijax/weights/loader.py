@@ -10,10 +10,10 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtijax.config import Gemma3Config
+from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
-from mtijax.models.gemma3 import param_shapes
-from mtijax.weights.names import gemma3_slots
+from mtijax.models.decoder import family
+from mtijax.weights.names import slots
 from mtijax.weights.sources import TensorSource
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -34,7 +34,7 @@ def _leaf(tree: dict, path: tuple[str, ...]) -> Any:
 
 
 
-def load_params(config: Gemma3Config, source: TensorSource, dtype: str = "float32",
+def load_params(config: ModelConfig, source: TensorSource, dtype: str = "float32",
                 progress: bool = True) -> dict[str, Any]:
     """Read every parameter of ``config`` from ``source`` into device arrays of ``dtype``.
 
@@ -43,13 +43,13 @@ def load_params(config: Gemma3Config, source: TensorSource, dtype: str = "float3
     tensor and its file. Host memory peaks at one stacked leaf plus one tensor.
     """
     np_dtype = numpy_dtype(dtype)
-    shapes = param_shapes(config)
+    shapes = family(config).param_shapes(config)
     host = jax.tree.map(lambda s: np.empty(s, np_dtype), shapes, is_leaf=lambda x: isinstance(x, tuple))
-    slots = gemma3_slots(config)
-    for slot in tqdm(slots, desc=f"loading {source.location}", unit="tensor", disable=not progress, leave=False):
+    todo = slots(config, source.format)
+    for slot in tqdm(todo, desc=f"loading {source.location}", unit="tensor", disable=not progress, leave=False):
         target = _leaf(host, slot.path)
-        want = target.shape[1:] if slot.layer is not None else target.shape
-        stored_want = tuple(reversed(want)) if slot.transpose else want
+        want = target.shape[len(slot.index):]
+        stored_want = (*want[:-2], want[-1], want[-2]) if slot.transpose else want
         got = source.shape(slot)
         if tuple(got) != tuple(stored_want):
             raise MtijaxError(f"shape mismatch: {source.describe(slot)} has shape {list(got)}, "
@@ -57,11 +57,7 @@ def load_params(config: Gemma3Config, source: TensorSource, dtype: str = "float3
         value = np.asarray(source.read(slot), dtype=np.float32)
         if not np.isfinite(value).all():
             raise MtijaxError(f"{source.describe(slot)} contains NaN or infinite values")
-        value = value.T if slot.transpose else value
-        if slot.layer is None:
-            target[...] = value
-        else:
-            target[slot.layer] = value
+        target[slot.index] = np.swapaxes(value, -1, -2) if slot.transpose else value
     return jax.tree.map(jnp.asarray, host)
 
 

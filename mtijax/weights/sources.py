@@ -22,6 +22,8 @@ class TensorSource(Protocol):
     """Somewhere tensors are read from."""
 
     location: str
+    format: str
+    """``"hf"`` or ``"gguf"``: which names :func:`mtijax.weights.names.slots` gives."""
 
     def shape(self, slot: TensorSlot) -> tuple[int, ...]:
         """Stored shape of the slot's tensor; raises MtijaxError if it is missing."""
@@ -55,6 +57,7 @@ class HFDirectory:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.location = str(self.directory)
+        self.format = "hf"
         weight_map, files = _shard_files(self.directory)
         self.files = {f.name: SafetensorsFile(f) for f in files}
         self.where: dict[str, SafetensorsFile] = {}
@@ -66,7 +69,7 @@ class HFDirectory:
         self.prefix = next((p for p in HF_TEXT_PREFIXES if p + "embed_tokens.weight" in self.where), "model.")
 
     def _locate(self, slot: TensorSlot) -> tuple[str, SafetensorsFile]:
-        name = self.prefix + slot.hf_name
+        name = slot.name if slot.name.startswith("lm_head.") else self.prefix + slot.name
         shard = self.where.get(name)
         if shard is None or name not in shard:
             place = f"{shard.path} (where the index puts it)" if shard is not None else self.location

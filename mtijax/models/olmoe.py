@@ -1,0 +1,180 @@
+"""OLMoE decoder (a mixture of SwiGLU experts in every layer) as pure functions of a params pytree.
+
+Parameters (``L`` layers, ``E`` experts of width ``F``, matrices ``[in, out]``)::
+
+    embed                 [V, D]
+    unembed               [D, V]        output head (absent when tied: ``embed.T`` is used)
+    final_norm            [D]
+    layers/input_norm     [L, D]        RMSNorm weights, applied as w (not 1 + w)
+    layers/post_attn_norm [L, D]
+    layers/attn/q_proj    [L, D, N*H]   k_proj, v_proj [L, D, K*H], o_proj [L, N*H, D]
+    layers/attn/q_norm    [L, N*H]      RMSNorm over the whole q projection
+    layers/attn/k_norm    [L, K*H]
+    layers/moe/router     [L, D, E]
+    layers/moe/gate_proj  [L, E, D, F]  up_proj [L, E, D, F], down_proj [L, E, F, D]
+
+Routing is exact, with no capacity limit: every token reaches its top-k
+experts. Two dispatches give the same result (tested against each other and
+against transformers): ``dense`` runs every expert on every token and mixes
+with the (mostly zero) routing weights, which is cheapest for tiny shapes;
+``grouped`` sorts the token-expert pairs by expert and runs each expert's
+matrices once over its group with ``jax.lax.ragged_dot``, which does
+``k / E`` of the dense work. :func:`choose_dispatch` picks by size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtijax.config import OlmoeConfig
+from mtijax.interventions import Sites
+from mtijax.models.layers import apply_rope, attention, rms_norm, rope_inv_freq
+
+Params = dict[str, Any]
+SITES = ("resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "router_logits",
+         "router_experts", "router_weights", "mlp_out", "resid_post")
+"""The activation sites an OLMoE block passes through, in order (see ``mtijax.interventions``)."""
+NO_WINDOW = 2**30
+DENSE_MAX_WORK = 2**22
+"""``dense`` is chosen while tokens x experts x D x F stays under this (tiny test shapes); a guess until it
+is measured on a GPU (``experiments/bench_moe.py``)."""
+
+
+def layer_spec(config: OlmoeConfig) -> dict[str, np.ndarray]:
+    """Per-layer attention settings (the same for every OLMoE layer), stacked ``[L, ...]``."""
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_base)
+    return {
+        "window": np.full((config.num_layers,), NO_WINDOW, np.int32),
+        "inv_freq": np.tile(inv_freq, (config.num_layers, 1)),
+    }
+
+
+def param_shapes(config: OlmoeConfig) -> Params:
+    """The shape of every parameter, as the same pytree the params use."""
+    d, f, e, l = config.hidden_size, config.intermediate_size, config.num_experts, config.num_layers
+    q, k = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {
+        "embed": (config.vocab_size, d),
+        "layers": {
+            "input_norm": (l, d), "post_attn_norm": (l, d),
+            "attn": {"q_proj": (l, d, q), "k_proj": (l, d, k), "v_proj": (l, d, k), "o_proj": (l, q, d),
+                     "q_norm": (l, q), "k_norm": (l, k)},
+            "moe": {"router": (l, d, e), "gate_proj": (l, e, d, f), "up_proj": (l, e, d, f),
+                    "down_proj": (l, e, f, d)},
+        },
+        "final_norm": (d,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["unembed"] = (d, config.vocab_size)
+    return shapes
+
+
+def init_params(config: OlmoeConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32, scale: float = 0.02) -> Params:
+    """Random parameters in the real shapes (normal, std ``scale``), for tests and benchmarks."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jnp.asarray(scale, dtype) * jax.random.normal(k, s, dtype) for k, s in zip(keys, leaves)])
+
+
+def embed(config: OlmoeConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """Token embeddings ``[B, S, D]`` (no scaling)."""
+    return params["embed"][tokens]
+
+
+def unembed(config: OlmoeConfig, params: Params, x: jax.Array) -> jax.Array:
+    """Final norm and output head: ``[..., D]`` -> float32 logits ``[..., V]``."""
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps, plus_one=False)
+    if config.tie_word_embeddings:
+        return jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, params["unembed"], preferred_element_type=jnp.float32)
+
+
+def route(config: OlmoeConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing from router logits ``[..., E]``: ``(experts [..., k] int32, weights [..., k] float32)``.
+
+    Softmax in float32 over all experts, the k most probable (best first),
+    renormalised to sum to 1 when ``norm_topk_prob``.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, config.num_experts_per_tok)
+    if config.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return experts.astype(jnp.int32), weights
+
+
+def choose_dispatch(config: OlmoeConfig, num_tokens: int) -> str:
+    """``"dense"`` for tiny work, ``"grouped"`` otherwise (see the module docstring)."""
+    work = num_tokens * config.num_experts * config.hidden_size * config.intermediate_size
+    return "dense" if work <= DENSE_MAX_WORK else "grouped"
+
+
+def experts_dense(moe: Params, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
+    """Every expert on every token, mixed by the routing weights. ``x [T, D]``, ``experts/weights [T, k]``."""
+    num_experts = moe["router"].shape[-1]
+    mix = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32) * weights[..., None], axis=-2)
+    hidden = jax.nn.silu(jnp.einsum("td,edf->tef", x, moe["gate_proj"])) * jnp.einsum("td,edf->tef", x, moe["up_proj"])
+    out = jnp.einsum("tef,efd->ted", hidden, moe["down_proj"], preferred_element_type=jnp.float32)
+    return jnp.einsum("ted,te->td", out, mix).astype(x.dtype)
+
+
+def experts_grouped(moe: Params, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
+    """Token-expert pairs sorted by expert, one grouped matmul per projection (``lax.ragged_dot``)."""
+    tokens, k = experts.shape
+    num_experts = moe["router"].shape[-1]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token_of = (order // k).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    xs = x[token_of]
+    hidden = jax.nn.silu(jax.lax.ragged_dot(xs, moe["gate_proj"], group_sizes)) * \
+        jax.lax.ragged_dot(xs, moe["up_proj"], group_sizes)
+    out = jax.lax.ragged_dot(hidden, moe["down_proj"], group_sizes, preferred_element_type=jnp.float32)
+    out = out * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out).astype(x.dtype)
+
+
+def block(config: OlmoeConfig, layer: Params, spec: Mapping[str, jax.Array], x: jax.Array, positions: jax.Array,
+          cache_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None, sites: Sites | None = None,
+          dispatch: str | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One OLMoE layer; same contract as ``mtijax.models.gemma3.block``.
+
+    ``dispatch`` forces ``"dense"`` or ``"grouped"`` expert dispatch (default: :func:`choose_dispatch`).
+    """
+    sites = sites or Sites((), None)
+    b, s, d = x.shape
+    n, k_heads, h = config.num_heads, config.num_kv_heads, config.head_dim
+    eps = config.rms_norm_eps
+    attn = layer["attn"]
+    x = sites("resid_pre", x)
+    normed = rms_norm(x, layer["input_norm"], eps, plus_one=False)
+    q = sites("attn_q", (normed @ attn["q_proj"]).reshape(b, s, n, h))
+    k = sites("attn_k", (normed @ attn["k_proj"]).reshape(b, s, k_heads, h))
+    v = sites("attn_v", (normed @ attn["v_proj"]).reshape(b, s, k_heads, h))
+    q = rms_norm(q.reshape(b, s, n * h), attn["q_norm"], eps, plus_one=False).reshape(b, s, n, h)
+    k = rms_norm(k.reshape(b, s, k_heads * h), attn["k_norm"], eps, plus_one=False).reshape(b, s, k_heads, h)
+    if config.clip_qkv is not None:
+        q, k, v = (jnp.clip(t, -config.clip_qkv, config.clip_qkv) for t in (q, k, v))
+    q = apply_rope(q, positions, spec["inv_freq"])
+    k = apply_rope(k, positions, spec["inv_freq"])
+    segments = [(k, v, positions)]
+    if cache_kv is not None:
+        segments.insert(0, cache_kv)
+    z = sites("attn_z", attention(q, positions, segments, spec["window"], 1.0 / math.sqrt(h)))
+    x = sites("resid_mid", x + sites("attn_out", z.reshape(b, s, n * h) @ attn["o_proj"]))
+    moe = layer["moe"]
+    normed = rms_norm(x, layer["post_attn_norm"], eps, plus_one=False).reshape(b * s, d)
+    logits = sites("router_logits", (normed @ moe["router"]).reshape(b, s, -1))
+    experts, weights = route(config, logits)
+    sites.record("router_experts", experts)
+    sites.record("router_weights", weights)
+    run = experts_dense if (dispatch or choose_dispatch(config, b * s)) == "dense" else experts_grouped
+    out = run(moe, normed, experts.reshape(b * s, -1), weights.reshape(b * s, -1).astype(x.dtype))
+    x = sites("resid_post", x + sites("mlp_out", out.reshape(b, s, d)))
+    return x, (k, v)
