@@ -1,4 +1,4 @@
-"""mtijax: Gemma 3 as pure JAX functions of parameter pytrees, for research transforms.
+"""mtijax: Gemma 3 and OLMoE as pure JAX functions of parameter pytrees, for research transforms.
 
 The public API::
 
@@ -7,20 +7,24 @@ The public API::
     gen = mtijax.generate(model.config, model.params, [prompt_ids], 32)
 
 Everything is a pure function of ``(config, params, ...)``; ``config`` is a
-hashable static argument, ``params`` a plain pytree (see ``mtijax.models.gemma3``).
+hashable static argument, ``params`` a plain pytree (see ``mtijax.models.gemma3``
+and ``mtijax.models.olmoe``; ``family(config)`` is the module of an architecture,
+with its ``block``, ``layer_spec`` and ``param_shapes``).
 """
 
 from mtijax.api import Model, load, load_config
-from mtijax.config import PRESETS, Gemma3Config, preset
+from mtijax.config import PRESETS, Gemma3Config, ModelConfig, OlmoeConfig, preset
 from mtijax.errors import MtijaxError
 from mtijax.generate import Generation, Sampling, generate, generate_stream
 from mtijax.interventions import SITES, Patch, layer_mask
 from mtijax.models.cache import KVCache, init_cache
-from mtijax.models.decoder import ForwardOutput, forward, forward_hidden
-from mtijax.models.gemma3 import block, init_params, layer_spec, param_shapes
+from mtijax.models.decoder import ForwardOutput, family, forward, forward_hidden, init_params
+from mtijax.models.olmoe import load_balancing_loss, router_z_loss
 
 __all__ = [
-    "Model", "load", "load_config", "PRESETS", "Gemma3Config", "preset", "MtijaxError",
+    "Model", "load", "load_config", "PRESETS", "Gemma3Config", "OlmoeConfig", "ModelConfig", "preset", "MtijaxError",
     "Generation", "Sampling", "generate", "generate_stream", "SITES", "Patch", "layer_mask",
-    "KVCache", "init_cache", "ForwardOutput", "block", "forward", "forward_hidden", "init_params", "layer_spec", "param_shapes",
+    "KVCache", "init_cache", "ForwardOutput", "forward", "forward_hidden", "family", "init_params",
+    "load_balancing_loss", "router_z_loss",
 ]
+

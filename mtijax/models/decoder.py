@@ -46,6 +46,11 @@ def family(config: ModelConfig) -> ModuleType:
         raise MtijaxError(f"unknown architecture {config.architecture!r}") from None
 
 
+def init_params(config: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
+    """Random parameters in the real shapes of ``config``'s architecture (tests and benchmarks)."""
+    return family(config).init_params(config, key, dtype)
+
+
 def unembed(config: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
     """Final norm and output head of ``config``'s architecture: ``[..., D]`` -> float32 logits ``[..., V]``."""
     return family(config).unembed(config, params, x)

@@ -178,3 +178,37 @@ def block(config: OlmoeConfig, layer: Params, spec: Mapping[str, jax.Array], x: 
     out = run(moe, normed, experts.reshape(b * s, -1), weights.reshape(b * s, -1).astype(x.dtype))
     x = sites("resid_post", x + sites("mlp_out", out.reshape(b, s, d)))
     return x, (k, v)
+
+
+def _row_weights(router_logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Per-row weights ``[L, B, S]``: the token mask (1 = real token) broadcast over layers."""
+    shape = router_logits.shape[:-1]
+    return jnp.ones(shape, jnp.float32) if mask is None else jnp.broadcast_to(mask.astype(jnp.float32), shape)
+
+
+def load_balancing_loss(router_logits: jax.Array, experts: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Switch-Transformer load-balancing loss from captured routing, as transformers computes it for OLMoE.
+
+    ``E * sum_e f_e * p_e``: ``f_e`` the top-k assignments to expert ``e`` and
+    ``p_e`` its softmax probability, each summed over every layer and token
+    and divided by the number of (layer, token) rows.
+
+    Args:
+      router_logits: ``[L, B, S, E]`` (the ``router_logits`` site).
+      experts: ``[L, B, S, k]`` (the ``router_experts`` site).
+      mask: ``[B, S]``, 1 for real tokens, 0 for padding; default all real.
+    """
+    num_experts = router_logits.shape[-1]
+    weights = _row_weights(router_logits, mask)
+    rows = jnp.sum(weights)
+    assigned = jnp.sum(jax.nn.one_hot(experts, num_experts) * weights[..., None, None], axis=(0, 1, 2, 3)) / rows
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    mean_prob = jnp.sum(probs * weights[..., None], axis=(0, 1, 2)) / rows
+    return num_experts * jnp.sum(assigned * mean_prob)
+
+
+def router_z_loss(router_logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """ST-MoE router z-loss: the mean over (layer, token) rows of ``logsumexp(router_logits) ** 2``."""
+    weights = _row_weights(router_logits, mask)
+    lse = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(weights * lse**2) / jnp.sum(weights)
