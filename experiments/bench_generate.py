@@ -1,6 +1,6 @@
 """Prefill and decode throughput of mtijax against Hugging Face transformers on the same GPU.
 
-For each model size (random weights in the real Gemma 3 shapes, bfloat16) and
+For each model (random weights in the real Gemma 3 or OLMoE shapes, bfloat16) and
 batch size, both implementations process the same prompt length and generate
 the same number of new tokens, greedy, without early stopping:
 
@@ -8,8 +8,9 @@ the same number of new tokens, greedy, without early stopping:
 * decode tok/s: batch x (N - 1) / (time of an N-token generation - prefill time);
 * for mtijax, ``mtijax.generate`` (steps dispatched without waiting) and
   ``mtijax.generate_stream`` (the host reads every token as it comes);
-* the bandwidth bound: a decode step must read every weight (the embedding
-  too, for the logits) and the live KV cache once, so
+* the bandwidth bound: a decode step must read every weight it uses (the
+  embedding too, for the logits; for OLMoE only the experts the batch is
+  routed to) and the live KV cache once, so
   ``bound tok/s = batch / (bytes per step / copy bandwidth)``, with the copy
   bandwidth measured in the same run (device-to-device copy, bytes read +
   written). ``fraction`` = measured / bound.
@@ -64,10 +65,21 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def bytes_per_decode_step(config: mtijax.Gemma3Config, batch: int, context: int) -> int:
-    """bfloat16 bytes a decode step must read: all weights + the KV cache of every layer up to ``context``."""
+def bytes_per_decode_step(config: mtijax.ModelConfig, batch: int, context: int) -> float:
+    """bfloat16 bytes a decode step must read: the weights it uses + the KV cache of every layer up to ``context``.
+
+    For OLMoE only the experts the batch routes to are read: with ``k`` of
+    ``E`` experts per token chosen independently, ``E * (1 - (1 - k/E) ** batch)``
+    distinct experts per layer are expected.
+    """
     cache = 2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim
-    return 2 * (config.num_params + cache)
+    weights = config.num_params
+    if isinstance(config, mtijax.OlmoeConfig):
+        e, k = config.num_experts, config.num_experts_per_tok
+        expert = 3 * config.hidden_size * config.intermediate_size
+        used = e * (1 - (1 - k / e) ** batch)
+        weights -= config.num_layers * (e - used) * expert
+    return 2 * (weights + cache)
 
 
 def bench_mtijax(config, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
@@ -96,17 +108,27 @@ def bench_mtijax(config, batch: int, prompt_len: int, new_tokens: int, repeats: 
 
 def bench_transformers(config, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, OlmoeConfig, OlmoeForCausalLM
 
-    hf_config = Gemma3TextConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-        query_pre_attn_scalar=config.query_pre_attn_scalar, sliding_window=config.sliding_window,
-        layer_types=list(config.layer_types), max_position_embeddings=config.max_position_embeddings)
+    if isinstance(config, mtijax.OlmoeConfig):
+        model_class = OlmoeForCausalLM
+        hf_config = OlmoeConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads, num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob,
+            max_position_embeddings=config.max_position_embeddings)
+    else:
+        model_class = Gemma3ForCausalLM
+        hf_config = Gemma3TextConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+            query_pre_attn_scalar=config.query_pre_attn_scalar, sliding_window=config.sliding_window,
+            layer_types=list(config.layer_types), max_position_embeddings=config.max_position_embeddings)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = Gemma3ForCausalLM(hf_config).eval()
+        model = model_class(hf_config).eval()
     torch.set_default_dtype(torch.float32)
     ids = torch.randint(3, config.vocab_size, (batch, prompt_len), device="cuda")
 
@@ -127,7 +149,7 @@ def bench_transformers(config, batch: int, prompt_len: int, new_tokens: int, rep
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="gemma3-270m,gemma3-1b,gemma3-12b")
+    parser.add_argument("--sizes", default="gemma3-270m,gemma3-1b,gemma3-12b,olmoe-1b-7b")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -120,7 +120,7 @@ def experts_dense(moe: Params, x: jax.Array, experts: jax.Array, weights: jax.Ar
     num_experts = moe["router"].shape[-1]
     mix = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32) * weights[..., None], axis=-2)
     hidden = jax.nn.silu(jnp.einsum("td,edf->tef", x, moe["gate_proj"])) * jnp.einsum("td,edf->tef", x, moe["up_proj"])
-    out = jnp.einsum("tef,efd->ted", hidden, moe["down_proj"], preferred_element_type=jnp.float32)
+    out = jnp.einsum("tef,efd->ted", hidden, moe["down_proj"]).astype(jnp.float32)
     return jnp.einsum("ted,te->td", out, mix).astype(x.dtype)
 
 
@@ -135,8 +135,8 @@ def experts_grouped(moe: Params, x: jax.Array, experts: jax.Array, weights: jax.
     xs = x[token_of]
     hidden = jax.nn.silu(jax.lax.ragged_dot(xs, moe["gate_proj"], group_sizes)) * \
         jax.lax.ragged_dot(xs, moe["up_proj"], group_sizes)
-    out = jax.lax.ragged_dot(hidden, moe["down_proj"], group_sizes, preferred_element_type=jnp.float32)
-    out = out * weights.reshape(-1)[order][:, None]
+    out = jax.lax.ragged_dot(hidden, moe["down_proj"], group_sizes).astype(jnp.float32)
+    out = out * weights.reshape(-1)[order][:, None].astype(jnp.float32)
     return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out).astype(x.dtype)
 
 

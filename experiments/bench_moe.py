@@ -1,0 +1,60 @@
+"""Expert dispatch for OLMoE: ``dense`` (every expert on every token) against ``grouped`` (``lax.ragged_dot``).
+
+Times one OLMoE-1B-7B layer (random bfloat16 weights, real shapes) on
+``T`` tokens with each dispatch and prints the ratio, so that
+``mtijax.models.olmoe.DENSE_MAX_WORK`` (the size below which ``dense`` is
+chosen) can be set from a measurement on the device it will run on::
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_moe.py --out experiments/results/bench_moe_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+import mtijax
+
+
+def time_layer(config, layer, spec, x, positions, dispatch: str, repeats: int = 10) -> float:
+    block = mtijax.family(config).block
+    run = jax.jit(lambda layer, x: block(config, layer, spec, x, positions, dispatch=dispatch)[0])
+    jax.block_until_ready(run(layer, x))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(layer, x))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", default="1,8,64,512,4096")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    config = dataclasses.replace(mtijax.preset("olmoe-1b-7b"), num_layers=1)
+    params = mtijax.init_params(config, jax.random.key(0), jnp.bfloat16)
+    layer = jax.tree.map(lambda a: a[0], params["layers"])
+    spec = jax.tree.map(lambda a: jnp.asarray(a[0]), mtijax.family(config).layer_spec(config))
+    rows = []
+    print(f"{'tokens':>7}{'dense ms':>10}{'grouped ms':>12}{'dense/grouped':>15}")
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        x = jax.random.normal(jax.random.key(1), (1, tokens, config.hidden_size), jnp.bfloat16)
+        positions = jnp.arange(tokens, dtype=jnp.int32)[None]
+        dense = time_layer(config, layer, spec, x, positions, "dense")
+        grouped = time_layer(config, layer, spec, x, positions, "grouped")
+        rows.append({"tokens": tokens, "dense_ms": dense * 1e3, "grouped_ms": grouped * 1e3})
+        print(f"{tokens:>7}{dense * 1e3:>10.3f}{grouped * 1e3:>12.3f}{dense / grouped:>15.2f}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "runs": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
