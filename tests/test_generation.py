@@ -17,8 +17,7 @@ from mtijax.config import Gemma3Config
 from mtijax.errors import MtijaxError
 from mtijax.generate import Sampling, _prefill_jit, _step_jit, generate, generate_stream, sample
 from mtijax.models.cache import init_cache
-from mtijax.models.decoder import forward
-from mtijax.models.gemma3 import init_params
+from mtijax.models.decoder import forward, init_params
 from tests.conftest import random_prompts
 
 forward_jit = jax.jit(forward, static_argnames=("config",))

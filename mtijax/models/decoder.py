@@ -1,7 +1,7 @@
 """The decoder forward pass shared by every architecture: embed, one ``lax.scan`` of the block, unembed.
 
 An architecture is a module (``mtijax.models.gemma3``, ...) that provides
-``param_shapes``, ``init_params``, ``layer_spec``, ``embed``, ``block`` and
+``param_shapes``, ``layer_spec``, ``embed``, ``block`` and
 ``unembed`` for its config type; :func:`family` picks it from the config.
 """
 
@@ -46,9 +46,14 @@ def family(config: ModelConfig) -> ModuleType:
         raise MtijaxError(f"unknown architecture {config.architecture!r}") from None
 
 
-def init_params(config: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
-    """Random parameters in the real shapes of ``config``'s architecture (tests and benchmarks)."""
-    return family(config).init_params(config, key, dtype)
+def init_params(config: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32, scale: float = 0.02) -> Params:
+    """Random parameters in the real shapes of ``config``'s architecture (normal, std ``scale``; norms too),
+    for tests and benchmarks."""
+    shapes = family(config).param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jnp.asarray(scale, dtype) * jax.random.normal(k, s, dtype) for k, s in zip(keys, leaves)])
 
 
 def unembed(config: ModelConfig, params: Params, x: jax.Array) -> jax.Array:

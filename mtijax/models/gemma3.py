@@ -35,13 +35,11 @@ import numpy as np
 
 from mtijax.config import SLIDING, Gemma3Config
 from mtijax.interventions import Sites
-from mtijax.models.layers import apply_rope, attention, gelu_tanh, rms_norm, rope_inv_freq
+from mtijax.models.layers import NO_WINDOW, apply_rope, attention, gelu_tanh, rms_norm, rope_inv_freq
 
 Params = dict[str, Any]
 SITES = ("resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post")
 """The activation sites a Gemma 3 block passes through, in order (see ``mtijax.interventions``)."""
-NO_WINDOW = 2**30
-"""Window of a global layer: larger than any position."""
 
 
 def layer_spec(config: Gemma3Config) -> dict[str, np.ndarray]:
@@ -71,15 +69,6 @@ def param_shapes(config: Gemma3Config) -> Params:
         },
         "final_norm": (d,),
     }
-
-
-def init_params(config: Gemma3Config, key: jax.Array, dtype: jnp.dtype = jnp.float32, scale: float = 0.02) -> Params:
-    """Random parameters in the real shapes (normal, std ``scale``; norms too), for tests and benchmarks."""
-    shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [jnp.asarray(scale, dtype) * jax.random.normal(k, s, dtype) for k, s in zip(keys, leaves)])
 
 
 def embed(config: Gemma3Config, params: Params, tokens: jax.Array) -> jax.Array:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+NO_WINDOW = 2**30
+"""Attention window of a global layer: larger than any position."""
 MASKED = -2.3819763e38
 """Score given to masked keys (the float32/bfloat16 lowest finite value, as Hugging Face uses)."""
 

@@ -33,13 +33,12 @@ import numpy as np
 
 from mtijax.config import OlmoeConfig
 from mtijax.interventions import Sites
-from mtijax.models.layers import apply_rope, attention, rms_norm, rope_inv_freq
+from mtijax.models.layers import NO_WINDOW, apply_rope, attention, rms_norm, rope_inv_freq
 
 Params = dict[str, Any]
 SITES = ("resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "router_logits",
          "router_experts", "router_weights", "mlp_out", "resid_post")
 """The activation sites an OLMoE block passes through, in order (see ``mtijax.interventions``)."""
-NO_WINDOW = 2**30
 DENSE_MAX_WORK = 2**22
 """``dense`` is chosen while tokens x experts x D x F stays under this (tiny test shapes); a guess until it
 is measured on a GPU (``experiments/bench_moe.py``)."""
@@ -72,15 +71,6 @@ def param_shapes(config: OlmoeConfig) -> Params:
     if not config.tie_word_embeddings:
         shapes["unembed"] = (d, config.vocab_size)
     return shapes
-
-
-def init_params(config: OlmoeConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32, scale: float = 0.02) -> Params:
-    """Random parameters in the real shapes (normal, std ``scale``), for tests and benchmarks."""
-    shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [jnp.asarray(scale, dtype) * jax.random.normal(k, s, dtype) for k, s in zip(keys, leaves)])
 
 
 def embed(config: OlmoeConfig, params: Params, tokens: jax.Array) -> jax.Array:
