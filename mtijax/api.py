@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from mtijax.config import PRESETS, Gemma3Config, read_hf_config
+from mtijax.config import PRESETS, ModelConfig, read_hf_config
 from mtijax.errors import MtijaxError
 from mtijax.tokenizer import load_gguf_tokenizer, load_hf_tokenizer
 from mtijax.weights.default import DEFAULT_MODEL, default_model_path
@@ -26,7 +26,7 @@ class Model:
       source: the file or directory the weights came from.
     """
 
-    config: Gemma3Config
+    config: ModelConfig
     params: dict[str, Any]
     tokenizer: Any
     source: str
@@ -45,7 +45,7 @@ def resolve(name_or_path: str | Path | None) -> Path:
     raise MtijaxError(f"no such model: {name_or_path} (not a directory, a file, or {DEFAULT_MODEL})")
 
 
-def load_config(name_or_path: str | Path | None) -> tuple[Gemma3Config, Path | None]:
+def load_config(name_or_path: str | Path | None) -> tuple[ModelConfig, Path | None]:
     """The config of a model (a preset name needs no weights), and the path it came from."""
     if name_or_path is not None and str(name_or_path) in PRESETS and str(name_or_path) != DEFAULT_MODEL:
         return PRESETS[str(name_or_path)], None

@@ -50,7 +50,7 @@ def _positive(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    parser = _Parser(prog="mtijax", description="Gemma 3 in pure JAX: generate text, inspect checkpoints.")
+    parser = _Parser(prog="mtijax", description="Gemma 3 and OLMoE in pure JAX: generate text, inspect checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     model_help = "gemma3-270m (embedded default), a Hugging Face model directory, or a .gguf file"
 

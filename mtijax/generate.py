@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtijax.config import Gemma3Config
+from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
 from mtijax.models import cache as kv
 from mtijax.models.decoder import Params, forward_hidden, unembed
@@ -127,7 +127,7 @@ class DecodeState(NamedTuple):
     key: jax.Array
 
 
-def _prefill(config: Gemma3Config, params: Params, tokens, positions, stop_ids, key, sampling: Sampling,
+def _prefill(config: ModelConfig, params: Params, tokens, positions, stop_ids, key, sampling: Sampling,
              max_new_tokens: int, cache_length: int) -> DecodeState:
     batch = tokens.shape[0]
     cache = kv.init_cache(config.num_layers, batch, cache_length, config.num_kv_heads, config.head_dim,
@@ -141,7 +141,7 @@ def _prefill(config: Gemma3Config, params: Params, tokens, positions, stop_ids, 
                        jnp.int32(0), key)
 
 
-def _step(config: Gemma3Config, params: Params, state: DecodeState, lengths, width, stop_ids,
+def _step(config: ModelConfig, params: Params, state: DecodeState, lengths, width, stop_ids,
           sampling: Sampling) -> DecodeState:
     """Feed ``state.token`` (position ``lengths + step``, cache slot ``width + step``) and sample the next."""
     x, cache, _ = forward_hidden(config, params, state.token[:, None], (lengths + state.step)[:, None],
@@ -157,7 +157,7 @@ _prefill_jit = jax.jit(_prefill, static_argnames=("config", "sampling", "max_new
 _step_jit = jax.jit(_step, static_argnames=("config", "sampling"), donate_argnames=("state",))
 
 
-def _setup(config: Gemma3Config, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def _setup(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
            stop_ids: Sequence[int] | None):
     if max_new_tokens < 1:
         raise MtijaxError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -170,7 +170,7 @@ def _setup(config: Gemma3Config, prompts: Sequence[Sequence[int]], max_new_token
     return tokens, positions, lengths, cache_length, stops
 
 
-def _decode(config: Gemma3Config, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def _decode(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
             sampling: Sampling, seed: int, stop_ids: Sequence[int] | None) -> Iterator[DecodeState]:
     """Prefill, then one jitted step per token; yields the state after each (not synchronised)."""
     tokens, positions, lengths, cache_length, stops = _setup(config, prompts, max_new_tokens, stop_ids)
@@ -183,7 +183,7 @@ def _decode(config: Gemma3Config, params: Params, prompts: Sequence[Sequence[int
         yield state
 
 
-def generate(config: Gemma3Config, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
              sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids).
 
@@ -198,7 +198,7 @@ def generate(config: Gemma3Config, params: Params, prompts: Sequence[Sequence[in
     return Generation(np.asarray(state.out), np.asarray(state.count), np.asarray(state.done))
 
 
-def generate_stream(config: Gemma3Config, params: Params, prompts: Sequence[Sequence[int]],
+def generate_stream(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
                     max_new_tokens: int = 32, *, sampling: Sampling = Sampling(), seed: int = 0,
                     stop_ids: Sequence[int] | None = None) -> Iterator[np.ndarray]:
     """Like :func:`generate`, but yields each step's ``[B]`` tokens as soon as they exist.

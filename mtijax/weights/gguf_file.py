@@ -13,7 +13,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from mtijax.config import Gemma3Config, config_from_gguf
+from mtijax.config import ModelConfig, config_from_gguf
 from mtijax.errors import MtijaxError
 from mtijax.weights.names import TensorSlot
 
@@ -48,7 +48,7 @@ class GGUFFile:
         field = self.reader.fields["tokenizer.ggml.tokens"]
         return bytes(field.parts[field.data[index]]).decode("utf-8", errors="replace")
 
-    def config(self) -> Gemma3Config:
+    def config(self) -> ModelConfig:
         """The model config from the metadata; the vocabulary size from the embedding."""
         embed = self.tensors.get("token_embd.weight")
         if embed is None:
