@@ -301,7 +301,10 @@ HF_OLMOE_DEFAULTS: dict[str, Any] = {
 
 
 def _olmoe_from_hf(raw: Mapping[str, Any], where: str) -> OlmoeConfig:
-    raw = {**HF_OLMOE_DEFAULTS, **{key: value for key, value in raw.items() if value is not None}}
+    given = {key: value for key, value in raw.items() if value is not None}
+    if "num_local_experts" in given:  # transformers' other name for num_experts
+        given["num_experts"] = given.pop("num_local_experts")
+    raw = {**HF_OLMOE_DEFAULTS, **given}
     field = lambda kind, key: _as(kind, raw[key], key, where)
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(rope, Mapping):
@@ -318,7 +321,7 @@ def _olmoe_from_hf(raw: Mapping[str, Any], where: str) -> OlmoeConfig:
         num_layers=field(int, "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=_as(int, raw.get("num_key_value_heads", heads), "num_key_value_heads", where),
-        num_experts=_as(int, raw.get("num_experts", raw.get("num_local_experts")), "num_experts", where),
+        num_experts=field(int, "num_experts"),
         num_experts_per_tok=field(int, "num_experts_per_tok"),
         norm_topk_prob=bool(raw["norm_topk_prob"]),
         clip_qkv=None if raw.get("clip_qkv") is None else field(float, "clip_qkv"),
@@ -392,6 +395,8 @@ def config_from_gguf(meta: Mapping[str, Any], vocab_size: int, where: str,
 
 
 def _olmoe_from_gguf(meta: Mapping[str, Any], vocab_size: int, where: str) -> OlmoeConfig:
+    """llama.cpp sizes OLMoE's experts by ``feed_forward_length``; its converter writes no
+    ``expert_feed_forward_length`` for OLMoE (transformers' config has no ``moe_intermediate_size``)."""
     try:
         get = lambda key, *default: meta[f"olmoe.{key}"] if not default else meta.get(f"olmoe.{key}", default[0])
         heads = int(get("attention.head_count"))
@@ -401,7 +406,7 @@ def _olmoe_from_gguf(meta: Mapping[str, Any], vocab_size: int, where: str) -> Ol
             where, OlmoeConfig,
             vocab_size=vocab_size,
             hidden_size=int(get("embedding_length")),
-            intermediate_size=int(get("expert_feed_forward_length")),
+            intermediate_size=int(get("feed_forward_length")),
             num_layers=int(get("block_count")),
             num_heads=heads,
             num_kv_heads=int(get("attention.head_count_kv", heads)),
