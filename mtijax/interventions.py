@@ -18,7 +18,7 @@ site          shape           what it is
 resid_pre     [B, S, D]       residual stream entering the block
 attn_q        [B, S, N, H]    q-projection output, before q-norm and RoPE
 attn_k        [B, S, K, H]    k-projection output, before k-norm and RoPE
-attn_v        [B, S, K, H]    v-projection output (what is cached as V)
+attn_v        [B, S, K, H]    v-projection output (cached as V; OLMoE clips it first if clip_qkv)
 attn_z        [B, S, N, H]    per-head attention output, before o-projection
 attn_out      [B, S, D]       o-projection output, before the post-attention norm
 resid_mid     [B, S, D]       residual stream after the attention half
