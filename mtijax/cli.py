@@ -35,6 +35,20 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _positive(kind):
     def parse(text: str):
         try:
@@ -65,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    inj = commands.add_parser("inject", help="blend a resized teacher tensor into a student; sweep the strength")
+    inj.add_argument("--student", default=None, help=model_help)
+    inj.add_argument("--teacher", default=None, help=model_help)
+    inj.add_argument("--tensor", action="append", default=None,
+                     help="layer tensor pattern such as attn/q_proj or 'mlp/*' (repeatable; default attn/q_proj)")
+    inj.add_argument("--layers", type=_int_list, default=[0], help="student layers, e.g. 0 or 0,1,2")
+    inj.add_argument("--teacher-layers", type=_int_list, default=None,
+                     help="teacher layer for each student layer (default: same index, or same relative depth)")
+    inj.add_argument("--resize", choices=("bilinear", "nearest", "pad"), default="bilinear")
+    inj.add_argument("--align-corners", action="store_true", help="bilinear with align_corners=True")
+    inj.add_argument("--alphas", type=_float_list, default=[0.0, 0.05, 0.1, 0.2, 0.35, 0.5])
+    inj.add_argument("--allow-extrapolation", action="store_true", help="accept alphas outside [0, 1]")
+    inj.add_argument("--prompt", action="append", default=None, help="probe prompt (repeatable)")
+    inj.add_argument("--token-ids", type=_token_ids, action="append", default=None,
+                     help="probe prompt as token ids (repeatable), for checkpoints without a tokenizer")
+    inj.add_argument("--max-new-tokens", type=_positive(int), default=16, help="greedy continuation length")
+    inj.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    inj.add_argument("--out", default=None, help="directory for study.json, study.csv and divergence.png")
+    inj.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     info = commands.add_parser("info", help="architecture, shapes, parameter count and bytes of a model")
     info.add_argument("--model", default=None, help=model_help + ", or a preset name such as gemma3-12b")
@@ -118,6 +152,43 @@ def _generate(args: argparse.Namespace) -> None:
         print(" ".join(str(i) for i in ids))
 
 
+DEFAULT_PROBES = ("The capital of France is", "def fibonacci(n):", "Once upon a time")
+
+
+def _inject(args: argparse.Namespace) -> None:
+    from mtijax.api import load
+    from mtijax.inject import InjectionSpec
+    from mtijax.injection_study import run_study, table, write_outputs
+
+    if args.prompt and args.token_ids:
+        raise MtijaxError("give --prompt or --token-ids, not both")
+    progress = sys.stderr.isatty()
+    student = load(args.student, args.dtype, tokenizer=not args.token_ids, progress=progress)
+    teacher = student if args.teacher == args.student else load(args.teacher, args.dtype, tokenizer=False,
+                                                                  progress=progress)
+    if args.token_ids:
+        prompts = args.token_ids
+    elif student.tokenizer is None:
+        raise MtijaxError(f"{student.source} has no tokenizer; pass --token-ids")
+    else:
+        prompts = [student.tokenizer(p)["input_ids"] for p in (args.prompt or DEFAULT_PROBES)]
+    spec = InjectionSpec(tuple(args.tensor or ("attn/q_proj",)), tuple(args.layers),
+                         None if args.teacher_layers is None else tuple(args.teacher_layers),
+                         args.resize, args.align_corners)
+    study = run_study(student, teacher, spec, args.alphas, prompts, max_new_tokens=args.max_new_tokens,
+                      allow_extrapolation=args.allow_extrapolation)
+    if args.out:
+        write_outputs(study, args.out)
+    if args.json:
+        print(json.dumps(study.to_json()))
+        return
+    print(table(study))
+    print(study.verdict)
+    i = study.integrity
+    print(f"integrity: checksums of {i['files']} files {'unchanged' if i['checksums_unchanged'] else 'CHANGED'}; "
+          f"probe {i['probe_before']:.4f} before, {i['probe_after']:.4f} after, difference {i['probe_diff']:g}")
+
+
 def _info(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -144,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its advice (e.g. "PyTorch was not found") is noise here
     try:
         args = build_parser().parse_args(argv)
-        {"generate": _generate, "info": _info}[args.command](args)
+        {"generate": _generate, "inject": _inject, "info": _info}[args.command](args)
     except MtijaxError as e:
         print(f"mtijax: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
