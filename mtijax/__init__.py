@@ -16,6 +16,8 @@ from mtijax.api import Model, load, load_config
 from mtijax.config import PRESETS, Gemma3Config, ModelConfig, OlmoeConfig, preset
 from mtijax.errors import MtijaxError
 from mtijax.generate import Generation, Sampling, generate, generate_stream
+from mtijax.inject import InjectionSpec, inject
+from mtijax.injection_study import run_study
 from mtijax.interventions import SITES, Patch, layer_mask
 from mtijax.models.cache import KVCache, init_cache
 from mtijax.models.decoder import ForwardOutput, family, forward, forward_hidden, init_params
@@ -25,6 +27,6 @@ __all__ = [
     "Model", "load", "load_config", "PRESETS", "Gemma3Config", "OlmoeConfig", "ModelConfig", "preset", "MtijaxError",
     "Generation", "Sampling", "generate", "generate_stream", "SITES", "Patch", "layer_mask",
     "KVCache", "init_cache", "ForwardOutput", "forward", "forward_hidden", "family", "init_params",
-    "load_balancing_loss", "router_z_loss",
+    "load_balancing_loss", "router_z_loss", "InjectionSpec", "inject", "run_study",
 ]
 

@@ -54,7 +54,7 @@ class Study:
 
 
 def _check_alphas(alphas: Sequence[float], allow_extrapolation: bool) -> np.ndarray:
-    alphas = np.asarray(alphas, np.float32)
+    alphas = np.asarray(alphas, np.float64)
     if alphas.ndim != 1 or alphas.size == 0 or not np.isfinite(alphas).all():
         raise MtijaxError("alphas must be a non-empty list of finite numbers")
     outside = alphas[(alphas < 0) | (alphas > 1)]
@@ -65,10 +65,13 @@ def _check_alphas(alphas: Sequence[float], allow_extrapolation: bool) -> np.ndar
 
 @jax.jit(static_argnames=("config", "spec"))
 def _sweep_logits(config, spec: InjectionSpec, student, teacher, alphas, tokens, positions):
-    """Final-position logits ``[A, P, V]`` for every alpha, from one vmapped forward."""
+    """Final-position logits ``[A, P, V]`` for every alpha and the student's own ``[P, V]``, from one vmapped
+    forward: the student's run as one more alpha = 0, so a difference between the two is the injection's alone,
+    not that of a differently compiled forward (which moves the logits by about 1e-6)."""
     def one(alpha):
         return forward(config, inject(student, teacher, spec, alpha), tokens, positions).logits[:, -1]
-    return jax.vmap(one)(alphas)
+    logits = jax.vmap(one)(jnp.concatenate([jnp.zeros((1,), alphas.dtype), alphas]))
+    return logits[1:], logits[0]
 
 
 def verdict(fit: dict[str, float], exponent: float) -> str:
@@ -95,9 +98,8 @@ def run_study(student: Model, teacher: Model, spec: InjectionSpec, alphas: Seque
 
     tokens, positions, _ = pad_prompts(prompts, student.config.pad_token_id)
     tokens, positions = jnp.asarray(tokens), jnp.asarray(positions)
-    reference = forward(student.config, student.params, tokens, positions).logits[:, -1]
-    logits = _sweep_logits(student.config, spec, student.params, teacher.params, jnp.asarray(alphas), tokens,
-                           positions)
+    logits, reference = _sweep_logits(student.config, spec, student.params, teacher.params,
+                                      jnp.asarray(alphas, jnp.float32), tokens, positions)
     norm = np.asarray(logit_norm(logits)).mean(-1)
     l2 = np.asarray(l2_divergence(logits, reference[None])).mean(-1)
     kl = np.asarray(kl_divergence(logits, reference[None])).mean(-1)
@@ -156,7 +158,8 @@ def write_outputs(study: Study, directory: str | Path) -> list[Path]:
     left.legend()
     right.plot(alphas, [r["output_norm"] for r in study.rows], "o-", color="tab:orange")
     right.set(xlabel="alpha", ylabel="L2 norm of final logits", title="Output norm")
-    fig.suptitle(study.verdict[:90], fontsize=9)
+    fig.suptitle(f"{study.verdict.split(':')[0]}: R$^2$ = {study.fit['r2']:.3f}, "
+                 f"growth exponent {study.exponent:.2f}", fontsize=10)
     fig.tight_layout()
     fig.savefig(paths[2], dpi=120)
     plt.close(fig)
