@@ -105,9 +105,8 @@ def inject(student: Params, teacher: Params, spec: InjectionSpec, alpha: jax.Arr
         current = _get(layers, path)
         target = current[s_layer]
         source = resize(t_leaves[path][t_layer], target.shape, spec.resize, spec.align_corners)
-        a = alpha.astype(jnp.float32)
-        blended = ((1 - a) * target.astype(jnp.float32) + a * source.astype(jnp.float32)).astype(target.dtype)
-        _set(layers, path, current.at[s_layer].set(jnp.where(a == 0, target, blended)))
+        blended = ((1 - alpha) * target.astype(jnp.float32) + alpha * source.astype(jnp.float32)).astype(target.dtype)
+        _set(layers, path, current.at[s_layer].set(jnp.where(alpha == 0, target, blended)))
     return {**student, "layers": layers}
 
 

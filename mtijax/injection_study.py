@@ -9,7 +9,8 @@ KV cache per alpha, run ``mtijax.generate`` once per alpha.
 
 A linearity read-out fits divergence against alpha (least squares, R²) and
 the growth exponent ``p`` of ``divergence ~ alpha ** p``; the verdict calls the
-response linear when R² >= ``LINEAR_R2`` and ``|p - 1| <= LINEAR_EXPONENT_TOL``.
+response linear when R² >= ``LINEAR_R2`` and ``|p - 1| <= LINEAR_EXPONENT_TOL``, and
+undetermined when fewer than two alphas > 0 moved the output (no exponent).
 Integrity: checkpoint checksums and a baseline probe before and after.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,8 +51,9 @@ class Study:
     setup: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        """``{"rows", "fit", "exponent", "verdict", "integrity", "setup"}``, JSON-ready."""
-        return dataclasses.asdict(self)
+        """``{"rows", "fit", "exponent", "verdict", "integrity", "setup"}``, JSON-ready (strict JSON: an
+        undefined exponent is None, not NaN)."""
+        return {**dataclasses.asdict(self), "exponent": None if math.isnan(self.exponent) else self.exponent}
 
 
 def _check_alphas(alphas: Sequence[float], allow_extrapolation: bool) -> np.ndarray:
@@ -76,6 +79,9 @@ def _sweep_logits(config, spec: InjectionSpec, student, teacher, alphas, tokens,
 
 def verdict(fit: dict[str, float], exponent: float) -> str:
     """A plain sentence: was divergence linear in alpha, within the stated tolerance?"""
+    if math.isnan(exponent):
+        return ("UNDETERMINED: fewer than two alphas > 0 moved the output, so there is no growth exponent "
+                f"(R^2 = {fit['r2']:.4f})")
     linear = fit["r2"] >= LINEAR_R2 and abs(exponent - 1) <= LINEAR_EXPONENT_TOL
     shape = "linearly" if linear else ("faster than linearly" if exponent > 1 else "slower than linearly")
     return (f"{'LINEAR' if linear else 'NOT LINEAR'}: divergence grows {shape} in alpha "
