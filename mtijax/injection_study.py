@@ -94,8 +94,8 @@ def run_study(student: Model, teacher: Model, spec: InjectionSpec, alphas: Seque
               allow_extrapolation: bool = False) -> Study:
     """Sweep ``alphas`` for ``spec`` and measure (see the module docstring). Nothing is written to disk."""
     if student.config.architecture != teacher.config.architecture:
-        raise MtijaxError(f"cannot inject a {teacher.config.architecture} teacher into a "
-                          f"{student.config.architecture} student")
+        raise MtijaxError(f"cannot inject between architectures: the teacher is {teacher.config.architecture}, "
+                          f"the student {student.config.architecture}")
     alphas = _check_alphas(alphas, allow_extrapolation)
     triples = plan(student.params, teacher.params, spec)
     sources = sorted({student.source, teacher.source})
