@@ -39,32 +39,29 @@ class TensorSlot(NamedTuple):
     norm_shift: bool = False
 
 
-_GEMMA3_LAYER = (
+_ATTENTION = (
     # path, HF name, GGUF name, transpose
     (("input_norm",), "input_layernorm.weight", "attn_norm.weight", False),
-    (("post_attn_norm",), "post_attention_layernorm.weight", "post_attention_norm.weight", False),
-    (("pre_mlp_norm",), "pre_feedforward_layernorm.weight", "ffn_norm.weight", False),
-    (("post_mlp_norm",), "post_feedforward_layernorm.weight", "post_ffw_norm.weight", False),
     (("attn", "q_proj"), "self_attn.q_proj.weight", "attn_q.weight", True),
     (("attn", "k_proj"), "self_attn.k_proj.weight", "attn_k.weight", True),
     (("attn", "v_proj"), "self_attn.v_proj.weight", "attn_v.weight", True),
     (("attn", "o_proj"), "self_attn.o_proj.weight", "attn_output.weight", True),
     (("attn", "q_norm"), "self_attn.q_norm.weight", "attn_q_norm.weight", False),
     (("attn", "k_norm"), "self_attn.k_norm.weight", "attn_k_norm.weight", False),
+)
+"""The tensors both architectures' layers share, with the same names in both formats."""
+
+_GEMMA3_LAYER = _ATTENTION + (
+    (("post_attn_norm",), "post_attention_layernorm.weight", "post_attention_norm.weight", False),
+    (("pre_mlp_norm",), "pre_feedforward_layernorm.weight", "ffn_norm.weight", False),
+    (("post_mlp_norm",), "post_feedforward_layernorm.weight", "post_ffw_norm.weight", False),
     (("mlp", "gate_proj"), "mlp.gate_proj.weight", "ffn_gate.weight", True),
     (("mlp", "up_proj"), "mlp.up_proj.weight", "ffn_up.weight", True),
     (("mlp", "down_proj"), "mlp.down_proj.weight", "ffn_down.weight", True),
 )
 
-_OLMOE_LAYER = (
-    (("input_norm",), "input_layernorm.weight", "attn_norm.weight", False),
+_OLMOE_LAYER = _ATTENTION + (
     (("post_attn_norm",), "post_attention_layernorm.weight", "ffn_norm.weight", False),
-    (("attn", "q_proj"), "self_attn.q_proj.weight", "attn_q.weight", True),
-    (("attn", "k_proj"), "self_attn.k_proj.weight", "attn_k.weight", True),
-    (("attn", "v_proj"), "self_attn.v_proj.weight", "attn_v.weight", True),
-    (("attn", "o_proj"), "self_attn.o_proj.weight", "attn_output.weight", True),
-    (("attn", "q_norm"), "self_attn.q_norm.weight", "attn_q_norm.weight", False),
-    (("attn", "k_norm"), "self_attn.k_norm.weight", "attn_k_norm.weight", False),
     (("moe", "router"), "mlp.gate.weight", "ffn_gate_inp.weight", True),
 )
 
