@@ -73,25 +73,31 @@ _OLMOE_EXPERTS = (
 )
 
 
+def _layer_slots(layer: int, table: tuple, hf: bool, shift_norms: bool) -> list[TensorSlot]:
+    """One layer's slots from a ``(path, HF name, GGUF name, transpose)`` table."""
+    return [TensorSlot(f"layers.{layer}.{hf_name}" if hf else f"blk.{layer}.{gguf_name}", ("layers", *path),
+                       (layer,), transpose, shift_norms and gguf_name.endswith("norm.weight"))
+            for path, hf_name, gguf_name, transpose in table]
+
+
+def _embedding_slot(hf: bool) -> TensorSlot:
+    return TensorSlot("embed_tokens.weight" if hf else "token_embd.weight", ("embed",), ())
+
+
 def _gemma3(config: ModelConfig, fmt: str) -> list[TensorSlot]:
     hf = fmt == "hf"
-    slots = [TensorSlot("embed_tokens.weight" if hf else "token_embd.weight", ("embed",), ())]
+    slots = [_embedding_slot(hf)]
     for layer in range(config.num_layers):
-        for path, hf_name, gguf_name, transpose in _GEMMA3_LAYER:
-            name = f"layers.{layer}.{hf_name}" if hf else f"blk.{layer}.{gguf_name}"
-            slots.append(TensorSlot(name, ("layers", *path), (layer,), transpose,
-                                    not hf and gguf_name.endswith("norm.weight")))
+        slots += _layer_slots(layer, _GEMMA3_LAYER, hf, shift_norms=not hf)
     slots.append(TensorSlot("norm.weight" if hf else "output_norm.weight", ("final_norm",), (), False, not hf))
     return slots
 
 
 def _olmoe(config: OlmoeConfig, fmt: str) -> list[TensorSlot]:
     hf = fmt == "hf"
-    slots = [TensorSlot("embed_tokens.weight" if hf else "token_embd.weight", ("embed",), ())]
+    slots = [_embedding_slot(hf)]
     for layer in range(config.num_layers):
-        for path, hf_name, gguf_name, transpose in _OLMOE_LAYER:
-            name = f"layers.{layer}.{hf_name}" if hf else f"blk.{layer}.{gguf_name}"
-            slots.append(TensorSlot(name, ("layers", *path), (layer,), transpose))
+        slots += _layer_slots(layer, _OLMOE_LAYER, hf, shift_norms=False)
         for path, hf_name, gguf_name in _OLMOE_EXPERTS:
             if hf:
                 slots += [TensorSlot(f"layers.{layer}.mlp.experts.{e}.{hf_name}", ("layers", *path), (layer, e), True)
