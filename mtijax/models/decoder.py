@@ -8,7 +8,7 @@ An architecture is a module (``mtijax.models.gemma3``, ...) that provides
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,8 @@ from mtijax.interventions import Patch, Sites, check_sites
 from mtijax.models import cache as kv
 
 Params = dict[str, Any]
+ResidualTransform = Callable[[jax.Array, jax.Array], jax.Array]
+"""``f(h [B, S, D], positions [B, S]) -> h'``: a function grafted onto the residual stream between blocks."""
 
 
 class ForwardOutput(NamedTuple):
@@ -64,6 +66,7 @@ def unembed(config: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
 def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
                    cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
                    capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
+                   transforms: Mapping[int, ResidualTransform] | None = None,
                    unroll: int | bool = 1) -> tuple[jax.Array, kv.KVCache | None, dict[str, jax.Array]]:
     """:func:`forward` without the output head: returns the last residual stream ``[B, S, D]``, cache, captures.
 
@@ -78,6 +81,11 @@ def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, posit
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     arch = family(config)
     spec = jax.tree.map(jnp.asarray, arch.layer_spec(config))
+    transforms = dict(transforms or {})
+    bad = [l for l in transforms if not (isinstance(l, int) and 0 <= l < config.num_layers)]
+    if bad:
+        raise MtijaxError(f"transform at layer {bad[0]!r} is out of range: the model has layers "
+                          f"0..{config.num_layers - 1}")
     x = arch.embed(config, params, tokens)
     cache_xs = None if cache is None else (cache.k, cache.v)
     visited: set[str] = set()
@@ -90,8 +98,19 @@ def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, posit
         visited.update(sites.visited)
         return x, (new_kv, sites.captured)
 
-    x, (new_kv, captured) = jax.lax.scan(step, x, (params["layers"], spec, cache_xs, dict(patches or {})),
-                                         unroll=unroll)
+    xs = (params["layers"], spec, cache_xs, dict(patches or {}))
+    segments = []
+    start = 0
+    for stop in sorted(transforms) + [config.num_layers - 1]:
+        if stop < start:
+            continue
+        x, ys = jax.lax.scan(step, x, jax.tree.map(lambda a: a[start:stop + 1], xs), unroll=unroll)
+        segments.append(ys)
+        if stop in transforms:
+            x = transforms[stop](x, positions)
+        start = stop + 1
+    new_kv, captured = segments[0] if len(segments) == 1 else jax.tree.map(
+        lambda *parts: jnp.concatenate(parts), *segments)
     missing = sorted((set(capture) | set(patches or {})) - visited)
     if missing:
         raise MtijaxError(f"{config.architecture} has no activation site {missing[0]!r}")
@@ -103,6 +122,7 @@ def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, posit
 def forward(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
             cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
             capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
+            transforms: Mapping[int, ResidualTransform] | None = None,
             unroll: int | bool = 1) -> ForwardOutput:
     """Run the decoder over ``tokens [B, S]``; pure, so ``jax.jit`` it with ``config`` static.
 
@@ -112,8 +132,14 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, positions: j
         are written into it at slots ``write_index .. write_index + S - 1``.
       capture: site names whose activations to return (see ``mtijax.interventions``).
       patches: site name -> :class:`Patch` with a leading ``[L]`` axis.
+      transforms: layer ``l`` -> a function ``f(h [B, S, D], positions [B, S]) -> [B, S, D]`` applied to
+        the residual stream leaving block ``l`` (after its ``resid_post`` site), before block ``l + 1``.
+        For grafted modules with parameters of their own (``mtijax.fusion``): ``f`` closes over them, so
+        ``jax.grad`` and ``jax.jit`` of the caller see through it. The layer scan is split at these layers
+        (a Python structure, so a different set of layers is a different compile); captures and cache
+        have the unsplit scan's layout (and its values, up to float rounding).
       unroll: passed to the layer ``lax.scan``; True unrolls it (faster decode on GPU, slower compile).
     """
     x, cache, captured = forward_hidden(config, params, tokens, positions, cache=cache, write_index=write_index,
-                                        capture=capture, patches=patches, unroll=unroll)
+                                        capture=capture, patches=patches, transforms=transforms, unroll=unroll)
     return ForwardOutput(unembed(config, params, x), cache, captured)
