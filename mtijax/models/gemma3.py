@@ -35,7 +35,8 @@ import numpy as np
 
 from mtijax.config import SLIDING, Gemma3Config
 from mtijax.interventions import Sites
-from mtijax.models.layers import NO_WINDOW, apply_rope, attention, gelu_tanh, rms_norm, rope_inv_freq
+from mtijax.models.layers import (NO_WINDOW, apply_rope, attention, gelu_tanh, project_qkv, rms_norm,
+                                  rope_inv_freq)
 
 Params = dict[str, Any]
 SITES = ("resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -108,9 +109,8 @@ def block(config: Gemma3Config, layer: Params, spec: Mapping[str, jax.Array], x:
     attn = layer["attn"]
     x = sites("resid_pre", x)
     normed = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
-    q = sites("attn_q", (normed @ attn["q_proj"]).reshape(b, s, n, h))
-    k = sites("attn_k", (normed @ attn["k_proj"]).reshape(b, s, k_heads, h))
-    v = sites("attn_v", (normed @ attn["v_proj"]).reshape(b, s, k_heads, h))
+    q, k, v = project_qkv(normed, attn, n, k_heads, h)
+    q, k, v = sites("attn_q", q), sites("attn_k", k), sites("attn_v", v)
     q = apply_rope(rms_norm(q, attn["q_norm"], config.rms_norm_eps), positions, spec["inv_freq"])
     k = apply_rope(rms_norm(k, attn["k_norm"], config.rms_norm_eps), positions, spec["inv_freq"])
     segments = [(k, v, positions)]

@@ -33,7 +33,7 @@ import numpy as np
 
 from mtijax.config import OlmoeConfig
 from mtijax.interventions import Sites
-from mtijax.models.layers import NO_WINDOW, apply_rope, attention, rms_norm, rope_inv_freq
+from mtijax.models.layers import NO_WINDOW, apply_rope, attention, project_qkv, rms_norm, rope_inv_freq
 
 Params = dict[str, Any]
 SITES = ("resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "router_logits",
@@ -144,9 +144,8 @@ def block(config: OlmoeConfig, layer: Params, spec: Mapping[str, jax.Array], x: 
     attn = layer["attn"]
     x = sites("resid_pre", x)
     normed = rms_norm(x, layer["input_norm"], eps, plus_one=False)
-    q = sites("attn_q", (normed @ attn["q_proj"]).reshape(b, s, n, h))
-    k = sites("attn_k", (normed @ attn["k_proj"]).reshape(b, s, k_heads, h))
-    v = sites("attn_v", (normed @ attn["v_proj"]).reshape(b, s, k_heads, h))
+    q, k, v = project_qkv(normed, attn, n, k_heads, h)
+    q, k, v = sites("attn_q", q), sites("attn_k", k), sites("attn_v", v)
     q = rms_norm(q.reshape(b, s, n * h), attn["q_norm"], eps, plus_one=False).reshape(b, s, n, h)
     k = rms_norm(k.reshape(b, s, k_heads * h), attn["k_norm"], eps, plus_one=False).reshape(b, s, k_heads, h)
     if config.clip_qkv is not None:
