@@ -27,6 +27,7 @@ from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
 from mtijax.models import cache as kv
 from mtijax.models.decoder import Params, forward_hidden, unembed
+from mtijax.models.fused import fuse_qkv
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 BUCKET = 16
@@ -172,11 +173,17 @@ def _setup(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens
 
 def _decode(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
             sampling: Sampling, seed: int, stop_ids: Sequence[int] | None) -> Iterator[DecodeState]:
-    """Prefill, then one jitted step per token; yields the state after each (not synchronised)."""
+    """Prefill, then one jitted step per token; yields the state after each (not synchronised).
+
+    The steps run on :func:`~mtijax.models.fused.fuse_qkv` params (one q/k/v matrix per layer, made once per
+    call: a copy of the q/k/v weights lives on the device while decoding).
+    """
     tokens, positions, lengths, cache_length, stops = _setup(config, prompts, max_new_tokens, stop_ids)
     state = _prefill_jit(config, params, tokens, positions, stops, jax.random.key(seed), sampling,
                          max_new_tokens, cache_length)
     yield state
+    if max_new_tokens > 1:
+        params = fuse_qkv(params)
     lengths, width, stops = jnp.asarray(lengths), jnp.int32(tokens.shape[1]), jnp.asarray(stops)
     for _ in range(max_new_tokens - 1):
         state = _step_jit(config, params, state, lengths, width, stops, sampling)
