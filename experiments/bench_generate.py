@@ -176,9 +176,13 @@ def main() -> None:
     for size in args.sizes.split(","):
         config = mtijax.preset(size)
         for batch in (int(b) for b in args.batches.split(",")):
+            started = time.perf_counter()
             hf = {} if args.skip_transformers else bench_transformers(  # first: torch hands its memory back
                 config, batch, args.prompt_len, args.new_tokens, max(1, args.repeats - 2))
+            hf_seconds = time.perf_counter() - started
             ours = bench_mtijax(config, batch, args.prompt_len, args.new_tokens, args.repeats)
+            print(f"  ({size} batch {batch}: transformers {hf_seconds:.0f} s, mtijax "
+                  f"{time.perf_counter() - started - hf_seconds:.0f} s including compiles)", flush=True)
             context = args.prompt_len + args.new_tokens // 2
             bound = batch * bandwidth / bytes_per_decode_step(config, batch, context)
             run = {"model": size, "batch": batch, "mtijax": ours, "transformers": hf,
