@@ -16,6 +16,7 @@ import time
 from typing import Sequence
 
 from mtijax.errors import MtijaxError
+from mtijax.snn import command as snn_command
 
 EXIT_USER_ERROR = 2
 
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     inj.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     inj.add_argument("--out", default=None, help="directory for study.json, study.csv and divergence.png")
     inj.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    snn_command.add_parser(commands)
 
     info = commands.add_parser("info", help="architecture, shapes, parameter count and bytes of a model")
     info.add_argument("--model", default=None, help=model_help + ", or a preset name such as gemma3-12b")
@@ -215,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its advice (e.g. "PyTorch was not found") is noise here
     try:
         args = build_parser().parse_args(argv)
-        {"generate": _generate, "inject": _inject, "info": _info}[args.command](args)
+        {"generate": _generate, "inject": _inject, "info": _info, "snn": snn_command.run}[args.command](args)
     except MtijaxError as e:
         print(f"mtijax: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -86,12 +86,19 @@ def unembed(config: OlmoeConfig, params: Params, x: jax.Array) -> jax.Array:
     return jnp.einsum("...d,dv->...v", x, params["unembed"], preferred_element_type=jnp.float32)
 
 
-def route(config: OlmoeConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+def route(config: OlmoeConfig, logits: jax.Array,
+          spiking: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """Top-k routing from router logits ``[..., E]``: ``(experts [..., k] int32, weights [..., k] float32)``.
 
     Softmax in float32 over all experts, the k most probable (best first),
-    renormalised to sum to 1 when ``norm_topk_prob``.
+    renormalised to sum to 1 when ``norm_topk_prob``. With ``spiking`` (a
+    layer's ``moe/spiking`` params) it routes on the spiking gate's membranes
+    instead of ``logits [B, S, E]`` (``mtijax.snn.gate``).
     """
+    if spiking is not None:
+        from mtijax.snn.gate import gate_logits
+
+        logits = gate_logits(logits, spiking)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, config.num_experts_per_tok)
     if config.norm_topk_prob:
@@ -160,7 +167,7 @@ def block(config: OlmoeConfig, layer: Params, spec: Mapping[str, jax.Array], x: 
     moe = layer["moe"]
     normed = rms_norm(x, layer["post_attn_norm"], eps, plus_one=False).reshape(b * s, d)
     logits = sites("router_logits", (normed @ moe["router"]).reshape(b, s, -1))
-    experts, weights = route(config, logits)
+    experts, weights = route(config, logits, moe.get("spiking"))
     sites.record("router_experts", experts)
     sites.record("router_weights", weights)
     run = experts_dense if (dispatch or choose_dispatch(config, b * s)) == "dense" else experts_grouped
