@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
+import threading
 from pathlib import Path
 
 import ml_dtypes
@@ -65,6 +67,8 @@ class SafetensorsFile:
                                   f"of a {size}-byte file")
             self.entries[name] = (dtype, shape, begin, end)
         self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None
+        self._fd_lock = threading.Lock()
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -81,3 +85,33 @@ class SafetensorsFile:
         dtype, shape, begin, end = self.entries[name]
         return np.frombuffer(self._mmap, dtype=dtype, count=(end - begin) // dtype.itemsize,
                              offset=self._data_start + begin).reshape(shape)
+
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """``(offset, nbytes)`` of tensor ``name``'s data from the start of the file."""
+        _, _, begin, end = self.entries[name]
+        return self._data_start + begin, end - begin
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Copy tensor ``name``'s bytes into ``out`` (C-contiguous, same dtype and size) with ``pread``.
+
+        Unlike :meth:`get`, a file that was truncated after it was opened raises
+        :class:`MtijaxError` naming the file and tensor instead of crashing the
+        process on a memory-map access past the end. Thread-safe.
+        """
+        dtype, shape, _, _ = self.entries[name]
+        offset, nbytes = self.byte_range(name)
+        if out.dtype != dtype or out.nbytes != nbytes or not out.flags.c_contiguous:
+            raise ValueError(f"read_into({name!r}): need a C-contiguous {dtype} array of shape {list(shape)}")
+        if self._fd is None:
+            with self._fd_lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < nbytes:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                size = os.fstat(self._fd).st_size
+                raise MtijaxError(f"{self.path}: truncated while in use: tensor {name!r} needs bytes up to "
+                                  f"{offset + nbytes}, the file now has {size}")
+            done += got

@@ -68,7 +68,8 @@ class HFDirectory:
                 self.where.setdefault(name, shard)
         self.prefix = next((p for p in HF_TEXT_PREFIXES if p + "embed_tokens.weight" in self.where), "model.")
 
-    def _locate(self, slot: TensorSlot) -> tuple[str, SafetensorsFile]:
+    def locate(self, slot: TensorSlot) -> tuple[str, SafetensorsFile]:
+        """The slot's full tensor name and the shard holding it; raises MtijaxError if it is missing."""
         name = slot.name if slot.name.startswith("lm_head.") else self.prefix + slot.name
         shard = self.where.get(name)
         if shard is None or name not in shard:
@@ -77,14 +78,14 @@ class HFDirectory:
         return name, shard
 
     def shape(self, slot: TensorSlot) -> tuple[int, ...]:
-        name, shard = self._locate(slot)
+        name, shard = self.locate(slot)
         return shard.shape(name)
 
     def read(self, slot: TensorSlot) -> np.ndarray:
-        name, shard = self._locate(slot)
+        name, shard = self.locate(slot)
         return shard.get(name)
 
     def describe(self, slot: TensorSlot) -> str:
         """``tensor 'name' in shard file``."""
-        name, shard = self._locate(slot)
+        name, shard = self.locate(slot)
         return f"tensor {name!r} in {shard.path}"
