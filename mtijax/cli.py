@@ -16,6 +16,7 @@ import time
 from typing import Sequence
 
 from mtijax.errors import MtijaxError
+from mtijax.streaming import command as streaming
 from mtijax.snn import command as snn_command
 
 EXIT_USER_ERROR = 2
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    streaming.add_arguments(gen)
 
     inj = commands.add_parser("inject", help="blend a resized teacher tensor into a student; sweep the strength")
     inj.add_argument("--student", default=None, help=model_help)
@@ -121,6 +123,8 @@ def _generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise MtijaxError("--max-new-tokens must be at least 1")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if streaming.wants_streaming(args):
+        return streaming.run(args, sampling)
     model = load(args.model, args.dtype, tokenizer=args.token_ids is None, progress=sys.stderr.isatty())
     if args.token_ids is not None:
         prompt_ids = args.token_ids
