@@ -8,10 +8,11 @@ An architecture is a module (``mtijax.models.gemma3``, ...) that provides
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
@@ -63,16 +64,48 @@ def unembed(config: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
     return family(config).unembed(config, params, x)
 
 
+def _keep_layers(num_layers: int, layers: Sequence[int] | None) -> np.ndarray | None:
+    """For ``capture_layers``: ``[L]`` int32, the row of each kept layer in the capture buffer, -1 if not kept."""
+    if layers is None:
+        return None
+    chosen = sorted(set(int(l) for l in layers))
+    bad = [l for l in chosen if not 0 <= l < num_layers]
+    if bad or not chosen:
+        raise MtijaxError(f"capture layer {bad[0]} is out of range: the model has layers 0..{num_layers - 1}"
+                          if bad else "capture_layers is empty")
+    index = np.full((num_layers,), -1, np.int32)
+    index[chosen] = np.arange(len(chosen), dtype=np.int32)
+    return index
+
+
+def _slot_selector(slots: jax.Array | None, batch: int) -> Callable[[jax.Array], jax.Array]:
+    """For ``capture_slots [B, S']``: a function keeping those slots of an activation ``[B, S, ...]``."""
+    if slots is None:
+        return lambda value: value
+    slots = jnp.broadcast_to(jnp.asarray(slots, jnp.int32), (batch, jnp.shape(slots)[-1]))
+    return lambda value: jax.vmap(lambda row, index: row[index])(value, slots)
+
+
+def _store(buffer: jax.Array, value: jax.Array, index: jax.Array) -> jax.Array:
+    """Write ``value`` as row ``index`` of ``buffer`` (unchanged when ``index`` is -1)."""
+    row = jnp.maximum(index, 0)
+    old = jax.lax.dynamic_index_in_dim(buffer, row, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(buffer, jnp.where(index >= 0, value, old), row, 0)
+
+
 def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
                    cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
                    capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
                    transforms: Mapping[int, ResidualTransform] | None = None,
+                   capture_layers: Sequence[int] | None = None, capture_slots: jax.Array | None = None,
+                   keep_kv: bool = False,
                    unroll: int | bool = 1) -> tuple[jax.Array, kv.KVCache | None, dict[str, jax.Array]]:
     """:func:`forward` without the output head: returns the last residual stream ``[B, S, D]``, cache, captures.
 
     ``unroll`` is passed to the layer ``lax.scan`` (True: straight-line code, one copy of the block per layer).
     """
     capture = check_sites(capture)
+    keep_layers = _keep_layers(config.num_layers, capture_layers)
     check_sites((patches or {}).keys(), patching=True)
     b, s = tokens.shape
     if cache is not None and isinstance(write_index, int) and not 0 <= write_index <= cache.length - s:
@@ -89,33 +122,52 @@ def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, posit
     x = arch.embed(config, params, tokens)
     cache_xs = None if cache is None else (cache.k, cache.v)
     visited: set[str] = set()
+    keep = _slot_selector(capture_slots, b)
 
-    def step(x, xs):
-        layer, layer_spec_l, layer_cache, layer_patches = xs
+    def layer_step(x, layer, layer_spec_l, layer_cache, layer_patches):
         cache_kv = None if layer_cache is None else (*layer_cache, cache.positions)
         sites = Sites(capture, layer_patches)
         x, new_kv = arch.block(config, layer, layer_spec_l, x, positions, cache_kv, sites)
         visited.update(sites.visited)
-        return x, (new_kv, sites.captured)
+        return x, new_kv, {name: keep(value) for name, value in sites.captured.items()}
 
-    xs = (params["layers"], spec, cache_xs, dict(patches or {}))
+    def step(carry, xs):
+        x, kept = carry
+        layer, layer_spec_l, layer_cache, layer_patches, keep_index = xs
+        x, new_kv, captured = layer_step(x, layer, layer_spec_l, layer_cache, layer_patches)
+        if keep_layers is None:
+            return (x, kept), (new_kv, captured)
+        return (x, {n: _store(kept[n], captured[n], keep_index) for n in kept}), (new_kv, {})
+
+    xs = (params["layers"], spec, cache_xs, dict(patches or {}), None if keep_layers is None else keep_layers)
+    kept = {}
+    if keep_layers is not None:
+        first = jax.tree.map(lambda a: a[0], xs)
+        shapes = jax.eval_shape(lambda: layer_step(x, *first[:4])[2])
+        count = int((keep_layers >= 0).sum())
+        kept = {n: jnp.zeros((count, *v.shape), v.dtype) for n, v in shapes.items()}
     segments = []
     start = 0
     for stop in sorted(transforms) + [config.num_layers - 1]:
         if stop < start:
             continue
-        x, ys = jax.lax.scan(step, x, jax.tree.map(lambda a: a[start:stop + 1], xs), unroll=unroll)
+        (x, kept), ys = jax.lax.scan(step, (x, kept), jax.tree.map(lambda a: a[start:stop + 1], xs),
+                                     unroll=unroll)
         segments.append(ys)
         if stop in transforms:
             x = transforms[stop](x, positions)
         start = stop + 1
     new_kv, captured = segments[0] if len(segments) == 1 else jax.tree.map(
         lambda *parts: jnp.concatenate(parts), *segments)
+    if keep_layers is not None:
+        captured = kept
     missing = sorted((set(capture) | set(patches or {})) - visited)
     if missing:
         raise MtijaxError(f"{config.architecture} has no activation site {missing[0]!r}")
     if cache is not None:
         cache = kv.write(cache, *new_kv, positions, write_index)
+    elif keep_kv:
+        cache = kv.KVCache(*new_kv, positions)
     return x, cache, captured
 
 
@@ -123,6 +175,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, positions: j
             cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
             capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
             transforms: Mapping[int, ResidualTransform] | None = None,
+            capture_layers: Sequence[int] | None = None, capture_slots: jax.Array | None = None,
+            keep_kv: bool = False,
             unroll: int | bool = 1) -> ForwardOutput:
     """Run the decoder over ``tokens [B, S]``; pure, so ``jax.jit`` it with ``config`` static.
 
@@ -138,8 +192,17 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, positions: j
         ``jax.grad`` and ``jax.jit`` of the caller see through it. The layer scan is split at these layers
         (a Python structure, so a different set of layers is a different compile); captures and cache
         have the unsplit scan's layout (and its values, up to float rounding).
+      capture_layers: keep captures of these layers only (sorted; ``captured[site]`` is ``[len(layers), ...]``).
+        They are written into a buffer carried through the layer scan, so the other layers' activations are
+        never stored.
+      capture_slots: ``[B, S']`` (or ``[S']``) int32 slot indices: keep captures at these token slots only
+        (``captured[site]`` is ``[..., B, S', ...]``), selected inside the block.
+      keep_kv: without a ``cache``, return this call's keys and values as a cache of ``S`` slots (computed
+        exactly as without it: the tokens attend to each other only).
       unroll: passed to the layer ``lax.scan``; True unrolls it (faster decode on GPU, slower compile).
     """
     x, cache, captured = forward_hidden(config, params, tokens, positions, cache=cache, write_index=write_index,
-                                        capture=capture, patches=patches, transforms=transforms, unroll=unroll)
+                                        capture=capture, patches=patches, transforms=transforms,
+                                        capture_layers=capture_layers, capture_slots=capture_slots, keep_kv=keep_kv,
+                                        unroll=unroll)
     return ForwardOutput(unembed(config, params, x), cache, captured)
