@@ -137,6 +137,7 @@ class StreamedModel:
         self._fetcher = Fetcher(self._read_layer, lambda layer: self.layer_nbytes,
                                 LRUCache(host_cache_layers, host_cache_bytes), workers)
         self._pipeline = LayerPipeline(self._fetcher, self.host.to_device, prefetch, self._count_transfer)
+        self._host_cache_bytes = self._host_cache_capacity(host_cache_layers, host_cache_bytes)
         self.experts = (ExpertStreamer(self.store, self.host, workers,
                                        host_cache_experts if host_cache_experts is not None else
                                        None if host_cache_layers is None else
@@ -144,7 +145,7 @@ class StreamedModel:
                                        device_experts_per_layer if device_experts_per_layer is not None else
                                        self.config.num_experts_per_tok)
                         if stream_experts else None)
-        self.host.reserve(self._host_cache_capacity(host_cache_layers, host_cache_bytes), self.layer_nbytes)
+        self.host.reserve(self._host_cache_bytes + prefetch * self.layer_nbytes, self.layer_nbytes)
         self.resident = jax.device_put(self.store.read_resident(), self.host.device_sharding)
         spec = family(self.config).layer_spec(self.config)
         self._specs = [jax.device_put(jax.tree.map(lambda a: a[layer], spec), self.host.device_sharding)
@@ -221,6 +222,14 @@ class StreamedModel:
         finally:
             self._pipeline.reset()
         return Generation(out, count, done)
+
+    def set_prefetch(self, prefetch: int) -> None:
+        """Change the prefetch depth, keeping the host cache (and the reading threads)."""
+        if prefetch < 0:
+            raise MtijaxError(f"prefetch must be >= 0, got {prefetch}")
+        self._pipeline.reset()
+        self.prefetch = prefetch
+        self._pipeline = LayerPipeline(self._fetcher, self.host.to_device, prefetch, self._count_transfer)
 
     def stats(self) -> StreamStats:
         """Counters since the model was made or :meth:`reset_stats` was called."""
@@ -337,6 +346,8 @@ class StreamedModel:
             temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
             work = max(work, temp + 2 * x.size * dtype.itemsize)
         work += batch * logits_per_row * c.vocab_size * 4
+        if self.host.kind == "device":
+            work += self._host_cache_bytes
         budget = Budget(self.store.resident_nbytes, self.layer_nbytes, self.prefetch + 1, cache_bytes, work,
                         self.experts.device_bytes() if self.experts else 0)
         check_budget(self.max_device_memory, budget)
@@ -351,12 +362,10 @@ class StreamedModel:
         self._counts["transfers"] += 1
 
     def _host_cache_capacity(self, items: int | None, nbytes: int | None) -> int:
-        """Bytes the host cache can hold for this model, plus the reads in flight."""
+        """The most bytes of layers the host cache can hold for this model."""
         layers = self.config.num_layers if items is None else min(items, self.config.num_layers)
         capacity = layers * self.layer_nbytes
-        if nbytes is not None:
-            capacity = min(capacity, nbytes)
-        return capacity + self.prefetch * self.layer_nbytes
+        return capacity if nbytes is None else min(capacity, nbytes // self.layer_nbytes * self.layer_nbytes)
 
     def _new_cache(self, batch: int, length: int) -> kv.KVCache:
         c = self.config
