@@ -1,9 +1,11 @@
-"""Expert dispatch for OLMoE: ``dense`` (every expert on every token) against ``grouped`` (``lax.ragged_dot``).
+"""Expert dispatch for OLMoE: ``dense`` (every expert on every token), ``grouped`` (``lax.ragged_dot``) and
+``gathered`` (each token's chosen experts' weights gathered).
 
-Times one OLMoE-1B-7B layer (random bfloat16 weights, real shapes) on
-``T`` tokens with each dispatch and prints the ratio, so that
-``mtijax.models.olmoe.DENSE_MAX_WORK`` (the size below which ``dense`` is
-chosen) can be set from a measurement on the device it will run on::
+Times one OLMoE-1B-7B layer (random bfloat16 weights, real shapes) on ``T``
+tokens with each dispatch and prints them against dense, so that
+``mtijax.models.olmoe.choose_dispatch`` can be set from a measurement on the
+device it will run on (``gathered`` only while pairs < experts x 8: it copies
+the weights of every pair)::
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_moe.py --out experiments/results/bench_moe_h100.json
 """
@@ -43,14 +45,19 @@ def main() -> None:
     layer = jax.tree.map(lambda a: a[0], params["layers"])
     spec = jax.tree.map(lambda a: jnp.asarray(a[0]), mtijax.family(config).layer_spec(config))
     rows = []
-    print(f"{'tokens':>7}{'dense ms':>10}{'grouped ms':>12}{'dense/grouped':>15}")
+    dispatches = ("dense", "grouped", "gathered")
+    print(f"{'tokens':>7}" + "".join(f"{name + ' ms':>13}" for name in dispatches) + f"{'chosen':>10}")
     for tokens in (int(t) for t in args.tokens.split(",")):
         x = jax.random.normal(jax.random.key(1), (1, tokens, config.hidden_size), jnp.bfloat16)
         positions = jnp.arange(tokens, dtype=jnp.int32)[None]
-        dense = time_layer(config, layer, spec, x, positions, "dense")
-        grouped = time_layer(config, layer, spec, x, positions, "grouped")
-        rows.append({"tokens": tokens, "dense_ms": dense * 1e3, "grouped_ms": grouped * 1e3})
-        print(f"{tokens:>7}{dense * 1e3:>10.3f}{grouped * 1e3:>12.3f}{dense / grouped:>15.2f}", flush=True)
+        pairs = tokens * config.num_experts_per_tok
+        row = {"tokens": tokens, "chosen": mtijax.family(config).choose_dispatch(config, tokens)}
+        for name in dispatches:
+            if name != "gathered" or pairs <= 8 * config.num_experts:
+                row[f"{name}_ms"] = time_layer(config, layer, spec, x, positions, name) * 1e3
+        rows.append(row)
+        print(f"{tokens:>7}" + "".join(f"{row.get(name + '_ms', float('nan')):>13.3f}" for name in dispatches)
+              + f"{row['chosen']:>10}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "runs": rows}, f, indent=2)

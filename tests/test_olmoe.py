@@ -202,9 +202,11 @@ def uses_ragged_dot(fn, *args) -> bool:
     return "ragged_dot" in str(jax.make_jaxpr(fn)(*args))
 
 
+@pytest.mark.parametrize("dispatch", ["grouped", "gathered"])
 @pytest.mark.parametrize("batch", ["varied", "one_token_repeated"])
-def test_dense_and_grouped_dispatch_agree(tiny_olmoe, batch):
-    """Running every expert on every token and running each expert on its own tokens give the same layer.
+def test_every_dispatch_agrees_with_dense(tiny_olmoe, batch, dispatch):
+    """Running every expert on every token, each expert on its own tokens, and each token on its gathered experts
+    give the same layer.
 
     Repeating one token makes every position route to the same k experts, so
     the other experts get no tokens at all (empty groups for ``ragged_dot``).
@@ -220,22 +222,23 @@ def test_dense_and_grouped_dispatch_agree(tiny_olmoe, batch):
         x = np.broadcast_to(rng.normal(size=(1, 1, config.hidden_size)), (1, 5, config.hidden_size))
     x = jnp.asarray(x, jnp.float32)
     dense, dense_moe, experts = run_block(config, layer, spec, x, "dense")
-    grouped, grouped_moe, _ = run_block(config, layer, spec, x, "grouped")
-    assert uses_ragged_dot(lambda x: run_block(config, layer, spec, x, "grouped"), x)
+    other, other_moe, _ = run_block(config, layer, spec, x, dispatch)
+    assert uses_ragged_dot(lambda x: run_block(config, layer, spec, x, dispatch), x) == (dispatch == "grouped")
     assert not uses_ragged_dot(lambda x: run_block(config, layer, spec, x, "dense"), x)
     used = np.unique(np.asarray(experts))
     if batch == "one_token_repeated":
         assert len(used) == config.num_experts_per_tok < config.num_experts
     assert float(jnp.abs(dense_moe).max()) > 0.1
-    np.testing.assert_allclose(np.asarray(grouped_moe), np.asarray(dense_moe), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(grouped), np.asarray(dense), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(other_moe), np.asarray(dense_moe), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(other), np.asarray(dense), atol=1e-5, rtol=0)
 
 
-def test_grouped_dispatch_forward_matches_transformers(tiny_olmoe, reference, monkeypatch):
-    monkeypatch.setattr(olmoe, "DENSE_MAX_WORK", 0)
+@pytest.mark.parametrize("dispatch", sorted(olmoe.DISPATCHES))
+def test_forward_matches_transformers_with_every_dispatch(tiny_olmoe, reference, monkeypatch, dispatch):
+    monkeypatch.setattr(olmoe, "choose_dispatch", lambda config, num_tokens: dispatch)
     config, params = tiny_olmoe.model.config, tiny_olmoe.model.params
     tokens = jnp.asarray(reference.tokens)
-    assert uses_ragged_dot(lambda t: mtijax.forward(config, params, t).logits, tokens)
+    assert uses_ragged_dot(lambda t: mtijax.forward(config, params, t).logits, tokens) == (dispatch == "grouped")
     logits = mtijax.forward(config, params, tokens).logits
     np.testing.assert_allclose(np.asarray(logits), reference.hf_logits, atol=1e-4, rtol=0)
 

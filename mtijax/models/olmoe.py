@@ -14,12 +14,22 @@ Parameters (``L`` layers, ``E`` experts of width ``F``, matrices ``[in, out]``):
     layers/moe/gate_proj  [L, E, D, F]  up_proj [L, E, D, F], down_proj [L, E, F, D]
 
 Routing is exact, with no capacity limit: every token reaches its top-k
-experts. Two dispatches give the same result (tested against each other and
-against transformers): ``dense`` runs every expert on every token and mixes
-with the (mostly zero) routing weights, which is cheapest for tiny shapes;
-``grouped`` sorts the token-expert pairs by expert and runs each expert's
-matrices once over its group with ``jax.lax.ragged_dot``, which does
-``k / E`` of the dense work. :func:`choose_dispatch` picks by size.
+experts. Three dispatches give the same result (tested against each other and
+against transformers):
+
+- ``gathered`` gathers the weights of each token-expert pair's expert and runs
+  one batched matrix-vector product per pair: it reads only the chosen experts,
+  so it is the decode dispatch (fewer pairs than experts);
+- ``grouped`` sorts the pairs by expert and runs each expert's matrices once
+  over its group with ``jax.lax.ragged_dot`` (``k / E`` of the dense work);
+- ``dense`` runs every expert on every token and mixes with the (mostly zero)
+  routing weights.
+
+:func:`choose_dispatch` picks by the number of tokens, from
+``experiments/bench_moe.py`` on an H100 (OLMoE-1B-7B layer, jax 0.11): grouped
+beat dense 1.6x at 1-8 tokens and 1.1x at 64, but dense beat grouped 3.3x at 512
+and 4.7x at 4096 tokens (XLA's GPU ``ragged_dot`` is far from a tuned grouped
+GEMM), so prefill of long prompts runs dense.
 """
 
 from __future__ import annotations
@@ -39,9 +49,8 @@ Params = dict[str, Any]
 SITES = ("resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "router_logits",
          "router_experts", "router_weights", "mlp_out", "resid_post")
 """The activation sites an OLMoE block passes through, in order (see ``mtijax.interventions``)."""
-DENSE_MAX_WORK = 2**22
-"""``dense`` is chosen while tokens x experts x D x F stays under this (tiny test shapes); a guess until it
-is measured on a GPU (``experiments/bench_moe.py``)."""
+GROUPED_MAX_TOKENS = 128
+"""Above this many tokens in one call, ``dense`` is chosen over ``grouped`` (see the module docstring)."""
 
 
 def layer_spec(config: OlmoeConfig) -> dict[str, np.ndarray]:
@@ -107,9 +116,26 @@ def route(config: OlmoeConfig, logits: jax.Array,
 
 
 def choose_dispatch(config: OlmoeConfig, num_tokens: int) -> str:
-    """``"dense"`` for tiny work, ``"grouped"`` otherwise (see the module docstring)."""
-    work = num_tokens * config.num_experts * config.hidden_size * config.intermediate_size
-    return "dense" if work <= DENSE_MAX_WORK else "grouped"
+    """``"gathered"`` while there are fewer token-expert pairs than experts (decoding a small batch),
+    ``"grouped"`` up to :data:`GROUPED_MAX_TOKENS` tokens, ``"dense"`` above (see the module docstring)."""
+    if num_tokens * config.num_experts_per_tok < config.num_experts:
+        return "gathered"
+    return "grouped" if num_tokens <= GROUPED_MAX_TOKENS else "dense"
+
+
+def experts_gathered(moe: Params, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
+    """Each token-expert pair's expert weights gathered and applied to its token: reads only the chosen experts.
+
+    ``x [T, D]``, ``experts/weights [T, k]``; the gathered weights are ``[T * k, D, F]``, so this is for a few pairs.
+    """
+    tokens, k = experts.shape
+    flat = experts.reshape(-1)
+    xs = jnp.repeat(x, k, axis=0)
+    hidden = jax.nn.silu(jnp.einsum("pd,pdf->pf", xs, moe["gate_proj"][flat])) * \
+        jnp.einsum("pd,pdf->pf", xs, moe["up_proj"][flat])
+    out = jnp.einsum("pf,pfd->pd", hidden, moe["down_proj"][flat]).astype(jnp.float32)
+    out = out * weights.reshape(-1, 1).astype(jnp.float32)
+    return out.reshape(tokens, k, -1).sum(axis=1).astype(x.dtype)
 
 
 def experts_dense(moe: Params, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
@@ -137,12 +163,16 @@ def experts_grouped(moe: Params, x: jax.Array, experts: jax.Array, weights: jax.
     return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out).astype(x.dtype)
 
 
+DISPATCHES = {"gathered": experts_gathered, "grouped": experts_grouped, "dense": experts_dense}
+"""Expert dispatch name -> function ``(moe, x [T, D], experts [T, k], weights [T, k]) -> [T, D]``."""
+
+
 def block(config: OlmoeConfig, layer: Params, spec: Mapping[str, jax.Array], x: jax.Array, positions: jax.Array,
           cache_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None, sites: Sites | None = None,
           dispatch: str | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One OLMoE layer; same contract as ``mtijax.models.gemma3.block``.
 
-    ``dispatch`` forces ``"dense"`` or ``"grouped"`` expert dispatch (default: :func:`choose_dispatch`).
+    ``dispatch`` forces one of :data:`DISPATCHES` (default: :func:`choose_dispatch`).
     """
     sites = sites or Sites((), None)
     b, s, d = x.shape
@@ -170,7 +200,7 @@ def block(config: OlmoeConfig, layer: Params, spec: Mapping[str, jax.Array], x: 
     experts, weights = route(config, logits, moe.get("spiking"))
     sites.record("router_experts", experts)
     sites.record("router_weights", weights)
-    run = experts_dense if (dispatch or choose_dispatch(config, b * s)) == "dense" else experts_grouped
+    run = DISPATCHES[dispatch or choose_dispatch(config, b * s)]
     out = run(moe, normed, experts.reshape(b * s, -1), weights.reshape(b * s, -1).astype(x.dtype))
     x = sites("resid_post", x + sites("mlp_out", out.reshape(b, s, d)))
     return x, (k, v)
