@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -46,7 +47,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import mtijax  # noqa: E402
 from mtijax.snn import GIF, LIF, Network, simulate_batch  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -68,9 +68,10 @@ def median_time(fn, repeats: int) -> tuple[float, float, object]:
 def peer(name: str) -> tuple[object | None, str]:
     """The imported module, or None and why not."""
     try:
-        return importlib.import_module(name), importlib.import_module(name).__version__
+        module = importlib.import_module(name)
     except Exception as e:  # any import failure makes the peer unavailable, recorded as such
         return None, f"unavailable: {type(e).__name__}: {e}"
+    return module, getattr(module, "__version__", "unknown version")
 
 
 # --- the seed's workload ---------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def main() -> None:
 
     rows = seed_workload(**seed, unrolls=unrolls, repeats=args.repeats, torch=torch, device=device)
     rows.append(lif_workload(**lif, repeats=args.repeats, torch=torch, device=device))
-    result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "mtijax": "0.1.0",
+    result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "mtijax": importlib.metadata.version("mtijax"),
               "torch": torch_version, "torch_device": device, "python": platform.python_version(),
               "quick": args.quick, "rows": rows}
     out = Path(args.out)
