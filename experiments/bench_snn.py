@@ -175,6 +175,61 @@ def lif_inputs(units: int, ticks: int, batch: int) -> tuple[np.ndarray, np.ndarr
     return weight, x
 
 
+def run_peer(row: dict, name: str, measure) -> None:
+    """Record a peer's ``{name}_s``, ``{name}_spike_rate`` (and compile time); a peer that fails while running
+    is recorded as failed, so one broken peer does not lose the rest of the run."""
+    try:
+        row.update({f"{name}_{key}": value for key, value in measure().items()})
+    except Exception as e:  # a peer's own failure is a result to record, not a reason to stop
+        row[f"{name}_version"] += f" (failed: {type(e).__name__}: {e})"
+
+
+def time_spyx(weight: np.ndarray, x: np.ndarray, repeats: int) -> dict:
+    """spyx's ``Sequential(Linear, LIF)`` run over the ticks with ``spyx.nn.run``, jitted as ``spyx.bench`` does."""
+    import spyx.nn
+    from flax import nnx
+
+    units = weight.shape[0]
+    rngs = nnx.Rngs(0)
+    linear = nnx.Linear(units, units, use_bias=False, rngs=rngs)
+    linear.kernel.value = jnp.asarray(weight)
+    model = spyx.nn.Sequential(linear, spyx.nn.LIF((units,), beta=0.9, threshold=1.0, rngs=rngs))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    forward = jax.jit(lambda p, xs: spyx.nn.run(nnx.merge(graphdef, p, rest), xs)[0])
+    xs = jnp.asarray(x)
+    first, median, spikes = median_time(lambda: jax.block_until_ready(forward(params, xs)), repeats)
+    return {"s": median, "compile_s": first - median, "spike_rate": float(jnp.mean(spikes))}
+
+
+def time_snntorch(snntorch, torch, weight: np.ndarray, x: np.ndarray, repeats: int, device: str) -> dict:
+    """snnTorch's ``nn.Linear`` + ``snn.Leaky``, one step per tick under ``torch.no_grad``."""
+    units, ticks = weight.shape[0], x.shape[0]
+    fc = torch.nn.Linear(units, units, bias=False).to(device)
+    with torch.no_grad():
+        fc.weight.copy_(torch.from_numpy(weight.T))
+    lif = snntorch.Leaky(beta=0.9, threshold=1.0, reset_mechanism="subtract").to(device)
+    xt = torch.from_numpy(x).to(device)
+
+    def run():
+        with torch.no_grad():
+            mem = lif.reset_mem()
+            spikes = []
+            for t in range(ticks):
+                spk, mem = lif(fc(xt[t]), mem)
+                spikes.append(spk)
+            out = torch.stack(spikes)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    _, median, spikes = median_time(run, repeats)
+    rate = float(spikes.float().mean())
+    del spikes, xt
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"s": median, "spike_rate": rate}
+
+
 def lif_workload(units: int, ticks: int, batch: int, repeats: int, torch, device: str) -> dict:
     weight, x = lif_inputs(units, ticks, batch)
     row = {"workload": "lif", "units": units, "ticks": ticks, "batch": batch}
@@ -192,46 +247,10 @@ def lif_workload(units: int, ticks: int, batch: int, repeats: int, torch, device
 
     spyx, row["spyx_version"] = peer("spyx")
     if spyx is not None:
-        import spyx.nn
-        from flax import nnx
-
-        rngs = nnx.Rngs(0)
-        linear = nnx.Linear(units, units, use_bias=False, rngs=rngs)
-        linear.kernel.value = jnp.asarray(weight)
-        model = spyx.nn.Sequential(linear, spyx.nn.LIF((units,), beta=0.9, threshold=1.0, rngs=rngs))
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        forward = jax.jit(lambda p, xs: spyx.nn.run(nnx.merge(graphdef, p, rest), xs)[0])
-        xs = jnp.asarray(x)
-        first, row["spyx_s"], spikes = median_time(lambda: jax.block_until_ready(forward(params, xs)), repeats)
-        row["spyx_compile_s"] = first - row["spyx_s"]
-        row["spyx_spike_rate"] = float(jnp.mean(spikes))
-        del spikes, xs
-
+        run_peer(row, "spyx", lambda: time_spyx(weight, x, repeats))
     snntorch, row["snntorch_version"] = peer("snntorch")
     if snntorch is not None and torch is not None:
-        fc = torch.nn.Linear(units, units, bias=False).to(device)
-        with torch.no_grad():
-            fc.weight.copy_(torch.from_numpy(weight.T))
-        lif = snntorch.Leaky(beta=0.9, threshold=1.0, reset_mechanism="subtract").to(device)
-        xt = torch.from_numpy(x).to(device)
-
-        def run_snntorch():
-            with torch.no_grad():
-                mem = lif.reset_mem()
-                spikes = []
-                for t in range(ticks):
-                    spk, mem = lif(fc(xt[t]), mem)
-                    spikes.append(spk)
-                out = torch.stack(spikes)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return out
-
-        _, row["snntorch_s"], spikes = median_time(run_snntorch, repeats)
-        row["snntorch_spike_rate"] = float(spikes.float().mean())
-        del spikes, xt
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        run_peer(row, "snntorch", lambda: time_snntorch(snntorch, torch, weight, x, repeats, device))
     for name in ("mtijax", "spyx", "snntorch"):
         if f"{name}_s" in row:
             row[f"{name}_ticks_per_s"] = ticks / row[f"{name}_s"]
