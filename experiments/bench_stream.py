@@ -128,7 +128,7 @@ def bandwidth(layer_bytes: int, layers: int) -> dict:
     queued = min(timed(lambda: jax.block_until_ready([jax.device_put(a, on_device) for a in staged]))
                  for _ in range(3))
     pageable = min(timed(lambda: jax.block_until_ready(jax.device_put(host, on_device))) for _ in range(3))
-    del staged
+    staged.clear()
     gc.collect()
     return {"layer_bytes": layer_bytes, "pinned_first_fill_gbps": count * layer_bytes / first / 1e9,
             "pinned_refill_gbps": count * layer_bytes / refill / 1e9,
@@ -207,6 +207,10 @@ def resident(directory: Path, args, results: dict) -> None:
     results["stream"]["compute_only_pass_s"] = out["same_step_batches"][0]["decode_pass_s"]
     out["allocator_peak_bytes_after_same_step"] = allocator_peak()
     write(results, args)
+    if time.perf_counter() - args.start > args.budget_s:
+        out["mtijax_generate_batch1"] = f"skipped: past the --budget-s of {args.budget_s} s"
+        model.close()
+        return
     store = model.store
     config = model.config
     params = {"layers": {}}
@@ -228,7 +232,7 @@ def resident(directory: Path, args, results: dict) -> None:
     out["mtijax_generate_batch1"] = {"decode_tok_s": (args.new_tokens - 1) / (total - prefill), "prefill_s": prefill}
     out["params_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
     out["allocator_peak_bytes"] = allocator_peak()
-    del params
+    params.clear()
     gc.collect()
     write(results, args)
 
@@ -266,7 +270,6 @@ def olmoe(directory: Path, args, results: dict) -> None:
                   f"{format_bytes(rows[-1]['bytes_per_token'])}/token")
         out[name] = rows
         model.close()
-        del model
         gc.collect()
         write(results, args)
 
@@ -324,7 +327,8 @@ def run_peer(directory: Path, batches: list[int], prompt_len: int, new_tokens: i
         generate(2)
         prefill = timed(lambda: generate(1))
         total = timed(lambda: generate(new_tokens))
-        rows.append({"batch": batch, "decode_tok_s": batch * (new_tokens - 1) / (total - prefill), "prefill_s": prefill})
+        rows.append({"batch": batch, "decode_tok_s": batch * (new_tokens - 1) / (total - prefill),
+                     "prefill_s": prefill})
     out.write_text(json.dumps({
         "what": ("transformers + accelerate CPU offload (embedding and head on cuda:0, every layer on the CPU)"
                  if cuda else "transformers on the CPU, no offload (no GPU here)"),
@@ -478,7 +482,7 @@ def main() -> None:
     parser.add_argument("--peer-timeout", type=float, default=120)
     parser.add_argument("--sections", default="bandwidth,stream,olmoe,peer,resident",
                         help="comma-separated, run in this order: selection,bandwidth,stream,olmoe,peer,resident")
-    parser.add_argument("--budget-s", type=float, default=170,
+    parser.add_argument("--budget-s", type=float, default=150,
                         help="sections after this many seconds are skipped (and listed as skipped)")
     parser.add_argument("--workdir", default=None, help="where the checkpoints are written (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoints")
@@ -493,7 +497,7 @@ def main() -> None:
         run_peer(Path(args.peer), args.peer_batches, args.prompt_len, args.peer_new_tokens, Path(args.peer_out))
         return
     sections = set(args.sections.split(","))
-    start = time.perf_counter()
+    start = args.start = time.perf_counter()
     device = jax.devices()[0]
     results = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
                "python": platform.python_version(), "quick": args.quick, "sections": sorted(sections)}

@@ -106,7 +106,8 @@ class StreamedModel:
       prefetch: device copies (and background reads) run this many layers ahead of the compute; 0 is
         sequential. At most ``prefetch + 1`` layers are on the device at once.
       max_device_memory: bytes; a call that needs more is refused before it starts (None: no cap).
-      host_memory: ``"auto"``, ``"pinned_host"`` or ``"numpy"`` (see :class:`~mtijax.streaming.host.HostMemory`).
+      host_memory: ``"auto"``, ``"pinned_host"``, ``"numpy"`` or ``"device"`` (see
+        :class:`~mtijax.streaming.host.HostMemory`).
       stream_experts: OLMoE only: stream each layer's routed experts instead of whole layers.
       device_experts_per_layer: expert streaming: experts kept on the device per layer (default: top-k).
       host_cache_experts: expert streaming: experts kept in host memory (default: ``host_cache_layers`` layers' worth).
@@ -138,13 +139,13 @@ class StreamedModel:
                                 LRUCache(host_cache_layers, host_cache_bytes), workers)
         self._pipeline = LayerPipeline(self._fetcher, self.host.to_device, prefetch, self._count_transfer)
         self._host_cache_bytes = self._host_cache_capacity(host_cache_layers, host_cache_bytes)
-        self.experts = (ExpertStreamer(self.store, self.host, workers,
-                                       host_cache_experts if host_cache_experts is not None else
-                                       None if host_cache_layers is None else
-                                       host_cache_layers * self.config.num_experts,
-                                       device_experts_per_layer if device_experts_per_layer is not None else
-                                       self.config.num_experts_per_tok)
-                        if stream_experts else None)
+        self.experts: ExpertStreamer | None = None
+        if stream_experts:
+            if host_cache_experts is None and host_cache_layers is not None:
+                host_cache_experts = host_cache_layers * self.config.num_experts
+            if device_experts_per_layer is None:
+                device_experts_per_layer = self.config.num_experts_per_tok
+            self.experts = ExpertStreamer(self.store, self.host, workers, host_cache_experts, device_experts_per_layer)
         self.host.reserve(self._host_cache_bytes + prefetch * self.layer_nbytes, self.layer_nbytes)
         self.resident = jax.device_put(self.store.read_resident(), self.host.device_sharding)
         spec = family(self.config).layer_spec(self.config)
@@ -235,11 +236,11 @@ class StreamedModel:
         """Counters since the model was made or :meth:`reset_stats` was called."""
         c = self._counts
         experts = self.experts.stats() if self.experts else {}
+        bytes_read = self._fetcher.bytes_read - c["bytes_read_base"]
+        bytes_read += self.experts.bytes_read() if self.experts else 0
         return StreamStats(
             passes=c["passes"], layers_run=c["layers_run"], layers_skipped=c["layers_skipped"],
-            bytes_to_device=c["transfers"] * self.layer_nbytes,
-            bytes_read=self._fetcher.bytes_read - c["bytes_read_base"] + (self.experts.bytes_read() if self.experts else 0),
-            seconds=c["seconds"],
+            bytes_to_device=c["transfers"] * self.layer_nbytes, bytes_read=bytes_read, seconds=c["seconds"],
             host_cache=self._fetcher.cache.stats(), max_live_layers=self._pipeline.max_live,
             accounted_peak_bytes=c["peak"], allocator_peak_bytes=allocator_peak(self.device),
             host_memory=f"{self.host.kind} ({self.host.reason})", tokens=c["tokens"], **experts)
@@ -279,7 +280,7 @@ class StreamedModel:
 
         def run_layer(layer: int, stored: Tree) -> jax.Array:
             if self.experts is not None:
-                stored = self.experts.complete(layer, stored, self._route_fn(stored, state, positions, cache, layer),
+                stored = self.experts.complete(layer, stored, self._route_fn(state, positions, cache, layer),
                                                np.asarray(positions))
             step = self._executable("step", _layer_step, (4, 5), stored, self._specs[layer], state["x"], positions,
                                     state["k"], state["v"], cache.positions, np.int32(layer), at)
@@ -300,7 +301,7 @@ class StreamedModel:
         c["tokens"] += int(np.prod(positions.shape))
         return x, cache
 
-    def _route_fn(self, stored: Tree, state: dict, positions: jax.Array, cache: kv.KVCache,
+    def _route_fn(self, state: dict, positions: jax.Array, cache: kv.KVCache,
                   layer: int) -> Callable[[Tree], np.ndarray]:
         """For expert streaming: a function of the expert slab giving this layer's routed experts ``[B, S, k]``."""
         def route(layer_params: Tree) -> np.ndarray:
