@@ -18,8 +18,8 @@ Per layer and step:
    core and the slab, giving exactly the resident logits.
 
 The slab's other rows hold stale experts of earlier layers (zeros at first).
-The block never reads them for this step's output: the grouped dispatch
-multiplies only routed experts, and the dense one weights the others by
+The block never reads them for this step's output: the gathered and grouped
+dispatches read only routed experts, and the dense one weights the others by
 exactly 0. The block is called twice, so the attention half is computed twice
 (small next to the transfer it saves); the host must read the routing back
 after step 1, so experts cannot be prefetched across layers.
