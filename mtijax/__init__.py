@@ -23,6 +23,7 @@ from mtijax.models.cache import KVCache, init_cache
 from mtijax.models.decoder import ForwardOutput, family, forward, forward_hidden, init_params
 from mtijax.models.olmoe import load_balancing_loss, router_z_loss
 from mtijax import snn  # spiking units driven by hidden states (seed 003)
+from mtijax import fusion  # resonance fusion layers on a frozen model (seed 002)
 from mtijax.streaming import LayerStore, StreamedModel  # layers streamed from disk (seeds 004, 000)
 
 __all__ = [
@@ -30,6 +31,6 @@ __all__ = [
     "Generation", "Sampling", "generate", "generate_stream", "SITES", "Patch", "layer_mask",
     "KVCache", "init_cache", "ForwardOutput", "forward", "forward_hidden", "family", "init_params",
     "load_balancing_loss", "router_z_loss", "InjectionSpec", "inject", "run_study",
-    "snn", "StreamedModel", "LayerStore",
+    "snn", "StreamedModel", "LayerStore", "fusion",
 ]
 

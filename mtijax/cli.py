@@ -16,6 +16,7 @@ import time
 from typing import Sequence
 
 from mtijax.errors import MtijaxError
+from mtijax.fusion import command as fuse_command
 from mtijax.streaming import command as streaming
 from mtijax.snn import command as snn_command
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     inj.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     snn_command.add_parser(commands)
+    fuse_command.add_parser(commands)
 
     info = commands.add_parser("info", help="architecture, shapes, parameter count and bytes of a model")
     info.add_argument("--model", default=None, help=model_help + ", or a preset name such as gemma3-12b")
@@ -222,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its advice (e.g. "PyTorch was not found") is noise here
     try:
         args = build_parser().parse_args(argv)
-        {"generate": _generate, "inject": _inject, "info": _info, "snn": snn_command.run}[args.command](args)
+        {"generate": _generate, "inject": _inject, "info": _info, "snn": snn_command.run,
+         "fuse": fuse_command.run}[args.command](args)
     except MtijaxError as e:
         print(f"mtijax: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
