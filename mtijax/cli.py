@@ -19,6 +19,7 @@ from mtijax.errors import MtijaxError
 from mtijax.fusion import command as fuse_command
 from mtijax.streaming import command as streaming
 from mtijax.snn import command as snn_command
+from mtijax.patching import command as patch_command
 
 EXIT_USER_ERROR = 2
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     snn_command.add_parser(commands)
     fuse_command.add_parser(commands)
+    patch_command.add_parser(commands)
 
     info = commands.add_parser("info", help="architecture, shapes, parameter count and bytes of a model")
     info.add_argument("--model", default=None, help=model_help + ", or a preset name such as gemma3-12b")
@@ -224,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its advice (e.g. "PyTorch was not found") is noise here
     try:
         args = build_parser().parse_args(argv)
-        {"generate": _generate, "inject": _inject, "info": _info, "snn": snn_command.run,
-         "fuse": fuse_command.run}[args.command](args)
+        {"generate": _generate, "inject": _inject, "info": _info, "snn": snn_command.run, "fuse": fuse_command.run,
+         "patch": patch_command.run}[args.command](args)
     except MtijaxError as e:
         print(f"mtijax: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -90,7 +90,7 @@ def keep_slots(positions: np.ndarray, rule) -> np.ndarray:
     bounds = [span_bounds(span, int(n)) for n in lengths]
     count = min(hi - lo for lo, hi in bounds)
     if count < 1 or any(lo < 0 or hi > n for (lo, hi), n in zip(bounds, lengths)):
-        raise MtijaxError(f"position rule {rule!r} keeps no token of a {int(lengths.min())}-token prompt")
+        raise MtijaxError(f"position rule {rule!r} reaches outside a prompt of {int(lengths.min())} tokens")
     return np.stack([np.arange(lo, lo + count) + width - n for (lo, _), n in zip(bounds, lengths)]).astype(np.int32)
 
 

@@ -167,7 +167,7 @@ def to_patch(spec: PatchSpec, positions: jax.Array) -> Patch:
         valid = (j >= 0) & (j < m)
         slots = jnp.clip(t - m + j, 0, t - 1)
         source = jnp.broadcast_to(spec.source, (spec.source.shape[0], b, *spec.source.shape[2:]))
-        value = jax.vmap(lambda rows, index: rows[index], in_axes=(1, 0), out_axes=1)(source, slots)
+        value = jax.vmap(lambda rows, index: rows[:, index], in_axes=(1, 0), out_axes=1)(source, slots)
     weight = spec.coef if spec.mode in ("add", "interpolate") else jnp.float32(1.0)
     mask = spec.layers[:, None, None] * (where & valid).astype(jnp.float32)[None] * weight
     return Patch(value, mask, "add" if spec.mode == "add" else "replace")
