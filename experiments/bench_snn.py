@@ -257,6 +257,14 @@ def lif_workload(units: int, ticks: int, batch: int, repeats: int, torch, device
     return row
 
 
+def _mtijax_version() -> str:
+    """The installed mtijax version, or ``"source tree"`` when it runs from a checkout on ``PYTHONPATH``."""
+    try:
+        return importlib.metadata.version("mtijax")
+    except importlib.metadata.PackageNotFoundError:
+        return "source tree"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (a CPU check)")
@@ -282,7 +290,7 @@ def main() -> None:
 
     rows = seed_workload(**seed, unrolls=unrolls, repeats=args.repeats, torch=torch, device=device)
     rows.append(lif_workload(**lif, repeats=args.repeats, torch=torch, device=device))
-    result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "mtijax": importlib.metadata.version("mtijax"),
+    result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "mtijax": _mtijax_version(),
               "torch": torch_version, "torch_device": device, "python": platform.python_version(),
               "quick": args.quick, "rows": rows}
     out = Path(args.out)
