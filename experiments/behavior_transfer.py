@@ -67,14 +67,16 @@ def main() -> None:
           f"{study['resid_layer']}, R_V layers {study['rv_layers']}; N = {settings.seeds} runs of "
           f"{settings.max_new_tokens} tokens at temperature {settings.temperature}\n")
     print(table(study))
-    print(f"\nprompt R_V: baseline {study['prompt_r_v']['baseline']:.3f}, champion {study['prompt_r_v']['champion']:.3f}")
+    rv = study["prompt_r_v"]
+    print(f"\nprompt R_V: baseline {rv['baseline']:.3f}, champion {rv['champion']:.3f}")
     search = study.get("layer_search")
     if search:
         print(f"\nminimal-layer search ({search['plan']}):")
         for sweep in ("kv_single", "v_single", "kv_pairs_best"):
             cells = ", ".join(f"{r['layers']}: {format_efficiency(r['efficiency'])}" for r in search[sweep])
             print(f"  {sweep} efficiency: {cells}")
-        print(f"  smallest KV layer set reaching {settings.threshold:.0%}: {search['minimal_kv']}")
+        print(f"  smallest KV layer set reaching {settings.threshold:.0%}: {search['minimal_kv']} (score), "
+              f"{search['minimal_kv_markers_only']} (markers only, no repetition bonus)")
     for row in study["rows"]:
         if row["mode"] == "as_described" and row["strategy"] in ("kv", "kv+v"):
             print(f"\n{row['strategy']} as described, run 0: {row['texts'][0][:300]!r}")

@@ -18,7 +18,8 @@ Random weights in the real shapes (no downloads). On the CPU here::
 
 On a GPU::
 
-    XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_patching.py --out experiments/results/bench_patching_h100.json
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_patching.py \
+        --out experiments/results/bench_patching_h100.json
 """
 
 from __future__ import annotations
@@ -120,23 +121,41 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--quick", action="store_true", help="CPU setting: 270M, batch 1, 32-token prompt, 16 new")
-    parser.add_argument("--out", default=None, help="results JSON (default experiments/results/bench_patching_<dev>.json)")
+    parser.add_argument("--budget-s", type=float, default=200.0,
+                        help="start no new measurement after this many seconds (those skipped are listed)")
+    parser.add_argument("--out", default=None,
+                        help="results JSON (default: experiments/results/bench_patching_<platform>.json)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.batches, args.prompt_len, args.new_tokens, args.repeats = "gemma3-270m", "1", 32, 16, 2
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
-    runs = []
+    runs, skipped = [], []
+    began = time.perf_counter()
+
+    def over_budget(what: str) -> bool:
+        if time.perf_counter() - began > args.budget_s:
+            skipped.append(what)
+            print(f"skipped {what}: past the {args.budget_s:.0f} s budget", flush=True)
+            return True
+        return False
+
     for size in args.sizes.split(","):
+        if over_budget(size):
+            continue
         config = mtijax.preset(size)
         params = mtijax.init_params(config, jax.random.key(0), jnp.dtype(dtype))
         for batch in (int(b) for b in args.batches.split(",")):
+            if over_budget(f"{size} generation batch {batch}"):
+                continue
             gen = bench_generation(config, params, batch, args.prompt_len, args.new_tokens, args.repeats)
             runs.append({"model": size, "kind": "generation", **gen})
             print(f"{size} batch {batch}: decode {gen['kv_only_decode_ms_per_step']:.2f} ms/step KV only, "
                   f"{gen['persistent_decode_ms_per_step']:.2f} with the persistent patch "
                   f"(ratio {gen['persistent_over_kv_only']:.3f}; goal <= 1.1); plain generate "
                   f"{gen['plain_generate_decode_ms_per_step']:.2f}", flush=True)
+        if over_budget(f"{size} sweep"):
+            continue
         sw = bench_sweep(config, params, args.prompt_len, args.repeats)
         runs.append({"model": size, "kind": "sweep", **sw})
         print(f"{size}: {sw['layers']}-layer sweep {sw['vmap_s'] * 1e3:.1f} ms vmapped, {sw['loop_s'] * 1e3:.1f} ms "
@@ -144,7 +163,8 @@ def main() -> None:
               f"{sw['first_call_loop_s']:.1f} s; max |difference| {sw['max_abs_difference']:.2e}", flush=True)
         del params
     result = {"device": str(device.device_kind), "platform": device.platform, "jax": jax.__version__,
-              "host": platform.node(), "dtype": dtype, "quick": args.quick, "runs": runs}
+              "host": platform.node(), "dtype": dtype, "quick": args.quick, "runs": runs, "skipped": skipped,
+              "seconds": round(time.perf_counter() - began, 1)}
     out = Path(args.out or Path(__file__).parent / "results" / f"bench_patching_{device.platform}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

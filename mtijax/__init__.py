@@ -25,12 +25,14 @@ from mtijax.models.olmoe import load_balancing_loss, router_z_loss
 from mtijax import snn  # spiking units driven by hidden states (seed 003)
 from mtijax import fusion  # resonance fusion layers on a frozen model (seed 002)
 from mtijax.streaming import LayerStore, StreamedModel  # layers streamed from disk (seeds 004, 000)
+from mtijax import patching  # capture, patch specs, KV-cache and decode-step patching (seed 001)
+from mtijax.patching import capture, generate_patched, patch_spec
 
 __all__ = [
     "Model", "load", "load_config", "PRESETS", "Gemma3Config", "OlmoeConfig", "ModelConfig", "preset", "MtijaxError",
     "Generation", "Sampling", "generate", "generate_stream", "SITES", "Patch", "layer_mask",
     "KVCache", "init_cache", "ForwardOutput", "forward", "forward_hidden", "family", "init_params",
     "load_balancing_loss", "router_z_loss", "InjectionSpec", "inject", "run_study",
-    "snn", "StreamedModel", "LayerStore", "fusion",
+    "snn", "StreamedModel", "LayerStore", "fusion", "patching", "capture", "patch_spec", "generate_patched",
 ]
 

@@ -19,12 +19,14 @@ from mtijax.errors import MtijaxError
 from mtijax.interventions import Patch, layer_mask
 from mtijax.models.cache import KVCache, init_cache
 from mtijax.models.decoder import forward
-from mtijax.patching import (capture, layer_pairs, patch_spec, patched_forward, replace_kv, single_layers, sweep,
-                             to_patches)
+from mtijax.generate import generate
+from mtijax.patching import (KVPatch, Plan, capture, generate_patched, layer_pairs, patch_spec, patched_forward,
+                             replace_kv, single_layers, sweep, to_patches)
 from mtijax.patching.capture import site_names
 from mtijax.patching.spec import position_mask
 from tests.conftest import random_prompts
 
+forward_jit = jax.jit(forward, static_argnames=("config",))
 PATCHABLE = ("resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post")
 
 
@@ -52,11 +54,11 @@ def test_capture_holds_every_site_and_the_kv_cache(model, prompts):
     assert set(run.activations) == set(site_names(c)) == set(PATCHABLE)
     assert run.activations["attn_v"].shape == (c.num_layers, 2, 12, c.num_kv_heads, c.head_dim)
     assert run.layers == tuple(range(c.num_layers))
-    cached = forward(c, model.params, a, cache=init_cache(c.num_layers, 2, 12, c.num_kv_heads, c.head_dim))
+    cached = forward_jit(c, model.params, a, cache=init_cache(c.num_layers, 2, 12, c.num_kv_heads, c.head_dim))
     np.testing.assert_allclose(run.cache.k, cached.cache.k, atol=1e-5, rtol=0)
     np.testing.assert_allclose(run.cache.v, cached.cache.v, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(run.cache.positions, cached.cache.positions)
-    np.testing.assert_allclose(run.logits, forward(c, model.params, a).logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(run.logits, forward_jit(c, model.params, a).logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(run.activations["attn_v"], run.cache.v, atol=0, rtol=0)  # V is stored as projected
 
 
@@ -84,7 +86,8 @@ def test_capture_keeps_only_the_layers_and_positions_asked_for(model, prompts):
 
 
 def test_olmoe_capture_includes_the_router_decisions_and_patches_work(tmp_path):
-    """On OLMoE, capture holds the routing sites; a run patched with its own ``router_logits`` is unchanged."""
+    """On OLMoE, capture holds the routing sites (logits against transformers); a run patched with its own
+    ``router_logits`` is unchanged; whole-cache replacement then decoding is the source's decoding."""
     from tests.olmoe_fixtures import make_olmoe_model
 
     hf = make_olmoe_model("e4_top2")
@@ -102,6 +105,11 @@ def test_olmoe_capture_includes_the_router_decisions_and_patches_work(tmp_path):
     spec = patch_spec(m.config, "router_logits", range(3), run).replace(
         source=own.captured["router_logits"])
     assert np.array_equal(patched_forward(m.config, m.params, tokens, [spec]).logits, own.logits)
+    source = random_prompts(49, [7])[0]
+    source[-1] = int(tokens[0, -1])
+    gen = generate_patched(m.config, m.params, np.asarray(tokens[0]).tolist(), source, Plan(kv=KVPatch("whole")),
+                           max_new_tokens=4, stop_ids=())
+    np.testing.assert_array_equal(gen.tokens[0], generate(m.config, m.params, [source], 4, stop_ids=()).tokens[0])
 
 
 # --- patch specs ----------------------------------------------------------------------------------------------------
@@ -117,7 +125,7 @@ def test_patching_a_run_with_its_own_activations_changes_nothing_bit_for_bit(mod
     zero = jnp.zeros(c.num_layers)
     specs = [patch_spec(c, site, zero, source) for site in PATCHABLE]
     own = patched_forward(c, model.params, a, specs, capture=PATCHABLE)
-    np.testing.assert_allclose(own.logits, forward(c, model.params, a).logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(own.logits, forward_jit(c, model.params, a).logits, atol=1e-5, rtol=0)
     specs = [spec.replace(source=own.captured[spec.site]) for spec in specs]
     for layers in (range(c.num_layers), [1], [0, 3]):
         mask = layer_mask(c.num_layers, layers)
@@ -133,7 +141,7 @@ def test_replacing_the_residual_stream_at_every_layer_gives_the_source_logits(mo
     c = model.config
     source = capture(c, model.params, b, sites=("resid_post",))
     patched = patched_forward(c, model.params, a, [patch_spec(c, "resid_post", range(c.num_layers), source)])
-    assert np.abs(np.asarray(forward(c, model.params, a).logits - source.logits)).max() > 1e-2
+    assert np.abs(np.asarray(forward_jit(c, model.params, a).logits - source.logits)).max() > 1e-2
     np.testing.assert_allclose(patched.logits, source.logits, atol=1e-6, rtol=0)
 
 
@@ -152,7 +160,7 @@ def test_position_rules_and_alignment_pick_the_documented_tokens(model, prompts,
     for i, j in expected.items():
         value = value.at[2, :, i].set(source.activations["attn_out"][2, 0, j])
         mask = mask.at[2, :, i].set(1.0)
-    by_hand = forward(c, model.params, a, patches={"attn_out": Patch(value, mask)}).logits
+    by_hand = forward_jit(c, model.params, a, patches={"attn_out": Patch(value, mask)}).logits
     np.testing.assert_allclose(patched_forward(c, model.params, a, [spec]).logits, by_hand, atol=1e-6, rtol=0)
 
 
@@ -281,8 +289,6 @@ def test_last_min_replacement_is_the_originals_dynamic_cache_surgery(tiny_gqa, m
     K and V with the source's last ones, then fed the target's last token again. Both ways round (shorter and
     longer source) the next-token logits equal ours (``last_min`` + ``refeed``). (transformers keeps only the last
     window - 1 positions of a sliding layer; those are the ones the next token can see.)"""
-    from mtijax.patching import KVPatch, Plan, generate_patched
-
     hf = tiny_gqa[0]
     c = model.config
     target = random_prompts(46, [11])[0]

@@ -39,13 +39,23 @@ def last_layer(model, decode, prompt=None):
     return Plan((SitePatch("resid_post", (model.config.num_layers - 1,), prompt=prompt, decode=decode),))
 
 
-def test_without_a_plan_it_is_plain_generation(model, prompts):
+N = 8
+"""New tokens in every test (one compiled step shape; prompts of 10-13 tokens share one bucket)."""
+
+
+def test_without_a_plan_it_is_plain_generation_and_the_trace_is_each_calls_activations(model, prompts):
+    """No plan: the tokens of ``mtijax.generate`` and, as call 0's logits, the prompt's next-token logits. The trace
+    at call t is the activation of the token fed at t, as a cache-free forward over the whole sequence has it."""
     target, _, _ = prompts
-    ours = generate_patched(model.config, model.params, target, max_new_tokens=12, stop_ids=())
-    plain = generate(model.config, model.params, [target], 12, stop_ids=())
-    np.testing.assert_array_equal(ours.tokens[0], plain.tokens[0])
-    full = forward(model.config, model.params, jnp.asarray([target])).logits[0, -1]
+    c = model.config
+    ours = generate_patched(c, model.params, target, max_new_tokens=N, stop_ids=(), trace={"attn_v": (0, 3)})
+    np.testing.assert_array_equal(ours.tokens[0], generate(c, model.params, [target], N, stop_ids=()).tokens[0])
+    full = forward(c, model.params, jnp.asarray([target])).logits[0, -1]
     np.testing.assert_allclose(ours.first_logits, full, atol=1e-5, rtol=0)
+    sequence = target + ours.ids(0)[:-1]
+    run = capture(c, model.params, jnp.asarray([sequence]), sites=("attn_v",), layers=(0, 3))
+    np.testing.assert_allclose(ours.trace["attn_v"][:, 0], run.activations["attn_v"][:, 0, len(target) - 1:],
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("which", ["same length", "longer"])
@@ -55,11 +65,17 @@ def test_whole_cache_replacement_then_decoding_is_the_sources_decoding(model, pr
     target, source, same = prompts
     source = same if which == "same length" else source[:-1] + target[-1:]
     ours = generate_patched(model.config, model.params, target, source, Plan(kv=KVPatch("whole")),
-                            max_new_tokens=12, stop_ids=())
-    theirs = generate(model.config, model.params, [source], 12, stop_ids=())
+                            max_new_tokens=N, stop_ids=())
+    theirs = generate(model.config, model.params, [source], N, stop_ids=())
     np.testing.assert_array_equal(ours.tokens[0], theirs.tokens[0])
     full = forward(model.config, model.params, jnp.asarray([source])).logits[0, -1]
     np.testing.assert_allclose(ours.first_logits, full, atol=1e-5, rtol=0)
+
+
+def hooked_plan(decode, window=16, sites=("attn_v", "resid_pre")):
+    """KV (``last_min``, ``refeed``) and patches at layer 2 of the given sites: the original's set-up."""
+    return Plan(tuple(SitePatch(site, (2,), decode=decode, window=window) for site in sites), KVPatch("last_min"),
+                "refeed")
 
 
 def test_hooks_as_the_original_ran_them_change_nothing(model, prompts):
@@ -67,18 +83,16 @@ def test_hooks_as_the_original_ran_them_change_nothing(model, prompts):
     KV + hooks is KV + no patch at all, bit for bit (the same compiled function: the rule is data), and KV alone
     (sampled, three seeds). A 1-token window does fire."""
     target, source, _ = prompts
-    kv = KVPatch("last_min")
 
-    def run(decode, window=16, sites=("attn_v", "resid_pre")):
-        patches = tuple(SitePatch(site, (2,), decode=decode, window=window) for site in sites)
-        return generate_patched(model.config, model.params, target, source, Plan(patches, kv, "refeed"),
-                                seeds=[0, 1, 2], max_new_tokens=8, sampling=SAMPLED, stop_ids=())
+    def run(plan):
+        return generate_patched(model.config, model.params, target, source, plan, seeds=[0, 1, 2], max_new_tokens=N,
+                                sampling=SAMPLED, stop_ids=())
 
-    hooked, off, alone = run("hook"), run(None), run(None, sites=())
+    hooked, off, alone = run(hooked_plan("hook")), run(hooked_plan(None)), run(hooked_plan(None, sites=()))
     assert np.array_equal(hooked.tokens, off.tokens) and np.array_equal(hooked.first_logits, off.first_logits)
     np.testing.assert_array_equal(hooked.tokens, alone.tokens)
     np.testing.assert_allclose(hooked.first_logits, alone.first_logits, atol=1e-5, rtol=0)
-    fired = run("hook", window=1)
+    fired = run(hooked_plan("hook", window=1))
     assert np.abs(fired.first_logits - off.first_logits).max() > 1e-3
 
 
@@ -89,16 +103,16 @@ def test_decode_sources_last_mean_and_trajectory(model, prompts):
     target, source, _ = prompts
     c = model.config
     run = capture(c, model.params, jnp.asarray([source]), sites=("resid_post",))
-    source_gen = generate(c, model.params, [source], 10, stop_ids=())
-    last = generate_patched(c, model.params, target, source, last_layer(model, "last"), max_new_tokens=10,
+    source_gen = generate(c, model.params, [source], N, stop_ids=())
+    last = generate_patched(c, model.params, target, source, last_layer(model, "last"), max_new_tokens=N,
                             stop_ids=())
     assert set(last.tokens[0, 1:]) == {int(np.argmax(run.logits[0, -1]))}
     mean_logits = unembed(c, model.params, run.activations["resid_post"][-1, 0].mean(0))
-    mean = generate_patched(c, model.params, target, source, last_layer(model, "mean"), max_new_tokens=10,
+    mean = generate_patched(c, model.params, target, source, last_layer(model, "mean"), max_new_tokens=N,
                             stop_ids=())
     assert set(mean.tokens[0, 1:]) == {int(np.argmax(mean_logits))}
     lockstep = generate_patched(c, model.params, target, source, last_layer(model, "trajectory"),
-                                max_new_tokens=10, stop_ids=())
+                                max_new_tokens=N, stop_ids=())
     np.testing.assert_array_equal(lockstep.tokens[0, 1:], source_gen.tokens[0, 1:])
     assert lockstep.tokens[0, 0] != source_gen.tokens[0, 0], "call 0 is the target's own (a prompt call)"
 
@@ -109,42 +123,30 @@ def test_the_recomputed_last_prompt_token_follows_the_prompt_rule(model, prompts
     target, source, _ = prompts
     c = model.config
     gen = generate_patched(c, model.params, target, source, last_layer(model, None, prompt="last"),
-                           max_new_tokens=4, stop_ids=())
+                           max_new_tokens=N, stop_ids=())
     full = forward(c, model.params, jnp.asarray([source])).logits[0, -1]
     np.testing.assert_allclose(gen.first_logits, full, atol=1e-5, rtol=0)
 
 
-def test_trace_records_each_calls_activations(model, prompts):
-    """The trace at call t is the activation of the token fed at t, as a cache-free forward over the whole
-    sequence computes it."""
-    target, _, _ = prompts
-    c = model.config
-    gen = generate_patched(c, model.params, target, max_new_tokens=6, stop_ids=(), trace={"attn_v": (0, 3)})
-    sequence = target + gen.ids(0)[:-1]
-    full = capture(c, model.params, jnp.asarray([sequence]), sites=("attn_v",), layers=(0, 3))
-    np.testing.assert_allclose(gen.trace["attn_v"][:, 0], full.activations["attn_v"][:, 0, len(target) - 1:],
-                               atol=1e-5, rtol=0)
-
-
 def test_rows_are_seeded_runs_and_a_sweep_is_a_batch_of_single_runs(model, prompts):
-    """Row r samples with seed r whatever the batch; a vmapped sweep over layer masks gives each mask's run."""
+    """Row r samples with seed r (two rows with one seed agree, another differs); a vmapped sweep over layer
+    masks gives each mask's run."""
     target, source, _ = prompts
     c = model.config
-    plan = Plan((SitePatch("attn_v", (1,), decode="mean"),), KVPatch("last_min"))
-    both = generate_patched(c, model.params, target, source, plan, seeds=[3, 4], max_new_tokens=8,
+    plan = hooked_plan("mean")
+    rows = generate_patched(c, model.params, target, source, plan, seeds=[3, 4, 3], max_new_tokens=N,
                             sampling=SAMPLED, stop_ids=())
-    alone = generate_patched(c, model.params, target, source, plan, seeds=[4], max_new_tokens=8, sampling=SAMPLED,
-                             stop_ids=())
-    np.testing.assert_array_equal(both.tokens[1], alone.tokens[0])
-    assert not np.array_equal(both.tokens[0], both.tokens[1])
-    masks = {"attn_v": np.eye(c.num_layers, dtype=np.float32), "kv": np.ones((c.num_layers, c.num_layers),
-                                                                             np.float32)}
-    swept = generate_patched(c, model.params, target, source, plan, seeds=[3, 4], max_new_tokens=8,
+    np.testing.assert_array_equal(rows.tokens[0], rows.tokens[2])
+    assert not np.array_equal(rows.tokens[0], rows.tokens[1])
+    masks = {"attn_v": np.eye(c.num_layers, dtype=np.float32)[[2, 0, 1]],
+             "kv": np.ones((3, c.num_layers), np.float32)}
+    swept = generate_patched(c, model.params, target, source, plan, seeds=[3, 4, 3], max_new_tokens=N,
                              sampling=SAMPLED, stop_ids=(), sweep=masks)
-    assert swept.tokens.shape == (c.num_layers, 2, 8) and swept.first_logits.shape == (c.num_layers, c.vocab_size)
-    np.testing.assert_array_equal(swept.tokens[1], both.tokens)
-    np.testing.assert_allclose(swept.first_logits[1], both.first_logits, atol=1e-5, rtol=0)
-    assert swept.ids(1, 1) == both.ids(1)
+    assert swept.tokens.shape == (3, 3, N) and swept.first_logits.shape == (3, c.vocab_size)
+    np.testing.assert_array_equal(swept.tokens[0], rows.tokens)
+    np.testing.assert_allclose(swept.first_logits[0], rows.first_logits, atol=1e-5, rtol=0)
+    assert swept.ids(0, 1) == rows.ids(1)
+    assert np.abs(swept.first_logits[1] - rows.first_logits).max() > 1e-4, "another layer, another run"
 
 
 def test_bad_plans_are_clear_errors(model, prompts):

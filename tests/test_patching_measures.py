@@ -124,3 +124,25 @@ def test_next_token_kl_against_numpy():
     q /= q.sum()
     assert next_token_kl(q_logits, p_logits) == pytest.approx(np.sum(p * np.log(p / q)), rel=1e-4)
     assert next_token_kl(p_logits, p_logits) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_seed_layers_scale_by_relative_depth():
+    from mtijax.patching.study import scale_layer
+
+    assert [scale_layer(l, 18) for l in (0, 5, 18, 27, 31)] == [0, 3, 10, 15, 17]
+    assert [scale_layer(l, 32) for l in (5, 18, 27)] == [5, 18, 27]
+
+
+def test_study_strategies_as_ran_and_as_described():
+    """As ran: the original's hooks (never firing at decode steps); as described: applied at every decode step.
+    Both with the original's last_min KV surgery and re-fed last token."""
+    from mtijax.patching.study import Settings, strategy_plan
+
+    ran = strategy_plan("kv+resid+v", "as_ran", 15, 10, Settings())
+    assert [(p.site, p.layers, p.decode, p.window) for p in ran.patches] == [
+        ("resid_pre", (10,), "hook", 16), ("attn_v", (15,), "hook", 16)]
+    assert ran.kv.policy == "last_min" and ran.kv.layers is None and ran.first_token == "refeed"
+    described = strategy_plan("kv+v", "as_described", 15, 10, Settings(decode="mean"))
+    assert [(p.site, p.decode) for p in described.patches] == [("attn_v", "mean")]
+    assert strategy_plan("kv", "as_described", 15, 10, Settings()).patches == ()
+    assert strategy_plan("v", "as_ran", 15, 10, Settings()).kv is None

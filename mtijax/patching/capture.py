@@ -60,7 +60,8 @@ class Capture:
 
     def _check(self, site: str, layers: Sequence[int]) -> None:
         if site not in self.activations:
-            raise MtijaxError(f"the source capture has no site {site!r}; it holds {', '.join(sorted(self.activations))}")
+            held = ", ".join(sorted(self.activations))
+            raise MtijaxError(f"the source capture has no site {site!r}; it holds {held}")
         missing = [l for l in layers if l not in self.layers]
         if missing:
             raise MtijaxError(f"the source capture has no layer {missing[0]} (it kept layers {list(self.layers)})")

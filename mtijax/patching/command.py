@@ -76,7 +76,8 @@ def add_parser(commands) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markers", type=_markers, default=None, help="comma-separated markers (default: the original's 21)")
+    p.add_argument("--markers", type=_markers, default=None,
+                   help="comma-separated markers (default: the original's 21)")
     p.add_argument("--whole-words", action="store_true", help="count markers as whole words, not substrings")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object")

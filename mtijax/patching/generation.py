@@ -155,8 +155,8 @@ class StepPatch:
 
 
 class State(NamedTuple):
-    """The decode loop's state (donated to each step). ``token``/``position [R]`` is what call ``step`` feeds,
-    at cache slot ``slot``."""
+    """The decode loop's state (donated to each step). Call ``step`` feeds ``token [R]`` at ``position [R]``
+    into cache slot ``slot``; ``first_logits [V]`` holds row 0's logits of call 0 once it has run."""
 
     cache: kv_cache.KVCache
     token: jax.Array
@@ -168,26 +168,26 @@ class State(NamedTuple):
     step: jax.Array
     keys: jax.Array
     trace: dict[str, jax.Array]
+    first_logits: jax.Array
 
 
-def _call_patches(step_patches: Mapping[str, StepPatch], masks: Mapping[str, jax.Array], step: jax.Array | None
+def _call_patches(step_patches: Mapping[str, StepPatch], masks: Mapping[str, jax.Array], step: jax.Array
                   ) -> dict[str, Patch]:
+    """This call's patches: ``first`` at call 0, ``later[:, :, min(step, T - 1)]`` after (data, not branches)."""
     patches = {}
     for site, sp in step_patches.items():
-        if step is None:
-            value, on = sp.first, sp.first_on
-        else:
-            index = jnp.minimum(step, sp.later.shape[2] - 1)
-            value, on = jax.lax.dynamic_slice_in_dim(sp.later, index, 1, axis=2), sp.later_on
+        later = jax.lax.dynamic_slice_in_dim(sp.later, jnp.minimum(step, sp.later.shape[2] - 1), 1, axis=2)
+        value = jnp.where(step == 0, sp.first, later)
+        on = jnp.where(step == 0, sp.first_on, sp.later_on)
         weight = masks[site] * on * (1.0 if sp.mode == "replace" else sp.coef)
         patches[site] = Patch(value, weight, "add" if sp.mode == "add" else "replace")
     return patches
 
 
-def _call(config, params, state: State, stops, step_patches, masks, first: bool, sampling: Sampling,
-          trace: tuple) -> tuple[State, jax.Array]:
-    """Feed ``state.token`` at ``state.position`` into slot ``state.slot``; sample each row's next token."""
-    patches = _call_patches(step_patches, masks, None if first else state.step)
+def _step(config, params, state: State, stops, step_patches, masks, *, sampling: Sampling, trace: tuple) -> State:
+    """Call ``state.step``: feed ``state.token`` at ``state.position`` into slot ``state.slot``, sample each row's
+    next token, record the traced sites."""
+    patches = _call_patches(step_patches, masks, state.step)
     sites = tuple(site for site, _ in trace)
     x, cache, captured = forward_hidden(config, params, state.token[:, None], state.position[:, None],
                                         cache=state.cache, write_index=state.slot, patches=patches, capture=sites,
@@ -197,17 +197,16 @@ def _call(config, params, state: State, stops, step_patches, masks, first: bool,
     drawn = jax.vmap(lambda row, key: sample(row[None], key, sampling)[0])(logits, split[:, 1])
     token = jnp.where(state.done, config.pad_token_id, drawn)
     traced = {site: jax.lax.dynamic_update_slice_in_dim(
-        state.trace[site], captured[site][jnp.asarray(layers)][:, :, :1].astype(state.trace[site].dtype),
-        state.step, axis=2) for site, layers in trace}
-    new = State(cache, token, state.position + 1, state.slot + 1, state.done | jnp.isin(token, stops),
-                state.out.at[:, state.step].set(token), state.count + (~state.done).astype(jnp.int32),
-                state.step + 1, split[:, 0], traced)
-    return new, logits
+        state.trace[site], captured[site][jnp.asarray(layers)].astype(state.trace[site].dtype), state.step, axis=2)
+        for site, layers in trace}
+    return State(cache, token, state.position + 1, state.slot + 1, state.done | jnp.isin(token, stops),
+                 state.out.at[:, state.step].set(token), state.count + (~state.done).astype(jnp.int32),
+                 state.step + 1, split[:, 0], traced, jnp.where(state.step == 0, logits[0], state.first_logits))
 
 
-def _start(config, params, tokens, positions, keys, stops, prompt_specs, source_cache, step_patches, masks, kv_mask,
-           *, sampling, kv_policy, source_end, refeed, max_new_tokens, cache_length, trace):
-    """Prefill the target prompt (prompt patches), patch its cache, and make call 0."""
+def _start(config, params, tokens, positions, keys, prompt_specs, source_cache, masks, kv_mask, *, kv_policy,
+           source_end, refeed, max_new_tokens, cache_length, trace) -> State:
+    """Prefill the target prompt (prompt patches) and patch its cache; call 0 is the first step."""
     rows, width = tokens.shape
     cache = kv_cache.init_cache(config.num_layers, rows, cache_length, config.num_kv_heads, config.head_dim,
                                 params["embed"].dtype)
@@ -221,25 +220,20 @@ def _start(config, params, tokens, positions, keys, stops, prompt_specs, source_
     if not refeed:  # call 0 rewrites the last prompt slot: it must not also attend to the old entry there
         cache = cache._replace(positions=cache.positions.at[:, width - 1].set(-1))
     shapes = {site: (len(layers), rows, max_new_tokens, *site_shape(config, site)) for site, layers in trace}
-    state = State(cache, tokens[:, -1], last + 1 if refeed else last, jnp.int32(width if refeed else width - 1),
-                  jnp.zeros((rows,), bool), jnp.full((rows, max_new_tokens), config.pad_token_id, jnp.int32),
-                  jnp.zeros((rows,), jnp.int32), jnp.int32(0), keys,
-                  {site: jnp.zeros(shape, params["embed"].dtype) for site, shape in shapes.items()})
-    state, logits = _call(config, params, state, stops, step_patches, masks, True, sampling, trace)
-    return state, logits[0]
-
-
-def _next(config, params, state, stops, step_patches, masks, *, sampling, trace):
-    return _call(config, params, state, stops, step_patches, masks, False, sampling, trace)[0]
+    return State(cache, tokens[:, -1], last + 1 if refeed else last, jnp.int32(width if refeed else width - 1),
+                 jnp.zeros((rows,), bool), jnp.full((rows, max_new_tokens), config.pad_token_id, jnp.int32),
+                 jnp.zeros((rows,), jnp.int32), jnp.int32(0), keys,
+                 {site: jnp.zeros(shape, params["embed"].dtype) for site, shape in shapes.items()},
+                 jnp.zeros((config.vocab_size,), jnp.float32))
 
 
 @lru_cache(maxsize=None)
 def _compiled(kind: str, config: ModelConfig, swept: bool, **static):
     """The jitted (and, for a sweep, vmapped over the masks) prefill or step, for one set of static settings."""
-    if kind == "start":  # params, tokens, positions, keys, stops, prompt_specs, source_cache, step_patches, masks, kv
+    if kind == "start":  # params, tokens, positions, keys, prompt_specs, source_cache, masks, kv_mask
         fn = partial(_start, config, **static)
-        return jax.jit(jax.vmap(fn, in_axes=(None,) * 8 + (0, 0)) if swept else fn)
-    fn = partial(_next, config, **static)  # params, state, stops, step_patches, masks
+        return jax.jit(jax.vmap(fn, in_axes=(None,) * 6 + (0, 0)) if swept else fn)
+    fn = partial(_step, config, **static)  # params, state, stops, step_patches, masks
     return jax.jit(jax.vmap(fn, in_axes=(None, 0, None, None, 0)) if swept else fn, donate_argnums=(1,))
 
 
@@ -323,7 +317,7 @@ def generate_patched(config: ModelConfig, params: Params, target: Sequence[int],
     needs_source = bool(plan.patches) or plan.kv is not None
     if needs_source and not source:
         raise MtijaxError("this plan patches from a source prompt; give one")
-    for prompt in (target, source or [1]):
+    for prompt in (target, source or ()):
         bad = [t for t in prompt if not 0 <= int(t) < config.vocab_size]
         if bad:
             raise MtijaxError(f"token id {bad[0]} is out of range: the vocabulary has ids 0..{config.vocab_size - 1}")
@@ -380,18 +374,17 @@ def generate_patched(config: ModelConfig, params: Params, target: Sequence[int],
     swept = sweep is not None
     if swept:
         masks, kv_mask = _sweep_masks(config, masks, kv_mask, sweep, plan)
-    static = dict(sampling=sampling, trace=trace_spec)
     start = _compiled("start", config, swept, kv_policy=plan.kv.policy if plan.kv else None, source_end=source_end,
-                      refeed=refeed, max_new_tokens=max_new_tokens, cache_length=cache_length, **static)
-    step = _compiled("step", config, swept, **static)
-    state, first_logits = start(params, jnp.asarray(tokens), jnp.asarray(positions), _rows_keys(seeds), stops,
-                                prompt_specs, source_cache, step_patches, masks, kv_mask)
-    for index in range(1, max_new_tokens):
-        if index % STOP_CHECK_EVERY == 0 and bool(np.asarray(state.done).all()):
+                      refeed=refeed, max_new_tokens=max_new_tokens, cache_length=cache_length, trace=trace_spec)
+    step = _compiled("step", config, swept, sampling=sampling, trace=trace_spec)
+    state = start(params, jnp.asarray(tokens), jnp.asarray(positions), _rows_keys(seeds), prompt_specs, source_cache,
+                  masks, kv_mask)
+    for index in range(max_new_tokens):
+        if index and index % STOP_CHECK_EVERY == 0 and bool(np.asarray(state.done).all()):
             break
         state = step(params, state, stops, step_patches, masks)
     return PatchedGeneration(np.asarray(state.out), np.asarray(state.count), np.asarray(state.done),
-                             np.asarray(first_logits), {site: np.asarray(v) for site, v in state.trace.items()},
+                             np.asarray(state.first_logits), {site: np.asarray(v) for site, v in state.trace.items()},
                              dict(trace_spec), seeds)
 
 

@@ -46,7 +46,7 @@ from mtijax.generate import Sampling
 from mtijax.patching.forward import layer_pairs, single_layers
 from mtijax.patching.generation import KVPatch, PatchedGeneration, Plan, SitePatch, generate_patched
 from mtijax.patching.measures import (MARKERS, WINDOW, behavior_score, default_rv_layers, efficiency,
-                                      is_repetitive, next_token_kl, prompt_r_v, window_r_v)
+                                      is_repetitive, markers_found, next_token_kl, prompt_r_v, window_r_v)
 
 SEED_NUM_LAYERS = 32
 SEED_V_LAYER = 27
@@ -142,6 +142,10 @@ class Runner:
     def scores(self, texts: Sequence[str], *, whole_words: bool = False) -> list[int]:
         return [behavior_score(t, self.settings.markers, whole_words=whole_words) for t in texts]
 
+    def marker_counts(self, texts: Sequence[str]) -> list[int]:
+        """The score without the repetition bonus: markers present, each once."""
+        return [len(markers_found(t, self.settings.markers)) for t in texts]
+
     def condition(self, name: str, target: Sequence[int], source: Sequence[int] | None, plan: Plan) -> dict:
         """Generate one condition over every seed; texts, scores, R_V per run and the call-0 logits."""
         self.progress(name)
@@ -155,6 +159,7 @@ class Runner:
                          window=self.settings.window) for r in range(len(seeds))]
         return {"name": name, "texts": texts, "ids": [gen.ids(r) for r in range(len(seeds))],
                 "scores": self.scores(texts), "scores_whole_words": self.scores(texts, whole_words=True),
+                "markers": self.marker_counts(texts),
                 "repetitive": [is_repetitive(t) for t in texts], "r_v": rv, "first_logits": gen.first_logits}
 
 
@@ -166,10 +171,14 @@ def summarise(run: dict, baseline: dict, champion: dict) -> dict:
     eff_mean, eff_std = _mean_std(per_seed)
     score_mean, score_std = _mean_std(scores)
     whole_mean, whole_std = _mean_std(run["scores_whole_words"])
+    markers_mean, markers_std = _mean_std(run["markers"])
     rv_mean, rv_std = _mean_std(run["r_v"])
     kl = float(next_token_kl(run["first_logits"], champion["first_logits"]))
     return {"score_mean": score_mean, "score_std": score_std, "score_whole_words_mean": whole_mean,
             "score_whole_words_std": whole_std, "repetitive_fraction": float(np.mean(run["repetitive"])),
+            "markers_mean": markers_mean, "markers_std": markers_std,
+            "markers_efficiency": efficiency(markers_mean, float(np.mean(baseline["markers"])),
+                                             float(np.mean(champion["markers"]))),
             "efficiency": efficiency(score_mean, float(base.mean()), float(champ.mean())),
             "efficiency_per_seed_mean": eff_mean, "efficiency_per_seed_std": eff_std,
             "efficiency_undefined_seeds": sum(e is None for e in per_seed), "kl_from_champion": kl,
@@ -196,7 +205,8 @@ def run_strategies(runner: Runner) -> dict[str, Any]:
         own[key].update(texts=run["texts"], scores=run["scores"], r_v=run["r_v"])
     return {"baseline": own["baseline"], "champion": own["champion"], "rows": rows,
             "first_logits": {"baseline": baseline["first_logits"], "champion": champion["first_logits"]},
-            "scores": {"baseline": baseline["scores"], "champion": champion["scores"]}}
+            "scores": {"baseline": baseline["scores"], "champion": champion["scores"]},
+            "markers": {"baseline": baseline["markers"], "champion": champion["markers"]}}
 
 
 def layer_search(runner: Runner, strategies: dict[str, Any]) -> dict[str, Any]:
@@ -204,8 +214,8 @@ def layer_search(runner: Runner, strategies: dict[str, Any]) -> dict[str, Any]:
     v-patch layers (with the whole KV cache), as described; each a vmapped sweep over layer masks."""
     s, config = runner.settings, runner.model.config
     seeds = list(range(s.sweep_seeds))
-    base_scores = strategies["scores"]["baseline"][:s.sweep_seeds]
-    champ_scores = strategies["scores"]["champion"][:s.sweep_seeds]
+    reference = {key: {who: float(np.mean(strategies[key][who][:s.sweep_seeds])) for who in ("baseline", "champion")}
+                 for key in ("scores", "markers")}
     champion_logits = strategies["first_logits"]["champion"]
     plan = strategy_plan("kv+v", "as_described", runner.v_layer, runner.resid_layer, s)
     singles = single_layers(config.num_layers)
@@ -215,11 +225,18 @@ def layer_search(runner: Runner, strategies: dict[str, Any]) -> dict[str, Any]:
         gen = runner.generate(runner.baseline_ids, runner.champion_ids, plan, seeds, sweep={key: masks})
         rows = []
         for k, name in enumerate(names):
-            scores = runner.scores(runner.texts(gen, k))
-            mean = float(np.mean(scores))
-            rows.append({"layers": name, "score_mean": mean, "score_std": _mean_std(scores)[1],
-                         "efficiency": efficiency(mean, float(np.mean(base_scores)), float(np.mean(champ_scores))),
-                         "kl_from_champion": float(next_token_kl(gen.first_logits[k], champion_logits))})
+            texts = runner.texts(gen, k)
+            mean, std = _mean_std(runner.scores(texts))
+            markers = float(np.mean(runner.marker_counts(texts)))
+            rows.append({"layers": name, "score_mean": mean, "score_std": std,
+                         "efficiency": efficiency(mean, reference["scores"]["baseline"],
+                                                  reference["scores"]["champion"]),
+                         "markers_mean": markers,
+                         "markers_efficiency": efficiency(markers, reference["markers"]["baseline"],
+                                                          reference["markers"]["champion"]),
+                         "repetitive_fraction": float(np.mean([is_repetitive(t) for t in texts])),
+                         "kl_from_champion": float(next_token_kl(gen.first_logits[k], champion_logits)),
+                         "text_0": texts[0]})
         return rows
 
     def kl_only(key: str, masks: np.ndarray) -> np.ndarray:
@@ -238,9 +255,10 @@ def layer_search(runner: Runner, strategies: dict[str, Any]) -> dict[str, Any]:
     result["kv_pairs_best"] = measure("best KV pairs", "kv", pair_masks[best], [f"{pairs[i][0]},{pairs[i][1]}"
                                                                                 for i in best])
     candidates = result["kv_single"] + result["kv_pairs_best"]
-    enough = [r for r in candidates if r["efficiency"] is not None and r["efficiency"] >= s.threshold]
-    result["minimal_kv"] = min(enough, key=lambda r: (len(r["layers"].split(",")), -r["efficiency"]))["layers"] \
-        if enough else None
+    for key, field in (("minimal_kv", "efficiency"), ("minimal_kv_markers_only", "markers_efficiency")):
+        enough = [r for r in candidates if r[field] is not None and r[field] >= s.threshold]
+        result[key] = min(enough, key=lambda r: (len(r["layers"].split(",")), -r[field]))["layers"] \
+            if enough else None
     return result
 
 
@@ -272,24 +290,27 @@ def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
 
 def table(study: dict[str, Any]) -> str:
     """The strategy rows as a fixed-width text table (mean ± std over the seeded runs)."""
-    head = (f"{'strategy':<12}{'mode':<26}{'score':>14}{'efficiency':>12}{'per seed':>16}{'KL':>8}"
-            f"{'R_V':>16}{'seed claim':>12}")
+    head = (f"{'strategy':<12}{'mode':<26}{'score':>14}{'efficiency':>12}{'per seed':>16}{'markers':>14}"
+            f"{'repetitive':>11}{'KL':>8}{'R_V':>16}{'seed claim':>12}")
     lines = [head]
     for key in ("baseline", "champion"):
         r = study[key]
         lines.append(f"{key:<12}{'':<26}{_pm(r['score_mean'], r['score_std']):>14}{'':>12}{'':>16}"
+                     f"{_pm(r['markers_mean'], r['markers_std']):>14}{r['repetitive_fraction']:>11.2f}"
                      f"{r['kl_from_champion']:>8.3f}{_pm(r['r_v_mean'], r['r_v_std'], 3):>16}")
     for r in study["rows"]:
         per_seed = _pm(r["efficiency_per_seed_mean"], r["efficiency_per_seed_std"])
         lines.append(f"{r['strategy']:<12}{r['mode']:<26}{_pm(r['score_mean'], r['score_std']):>14}"
-                     f"{_fmt(r['efficiency']):>12}{per_seed:>16}{r['kl_from_champion']:>8.3f}"
+                     f"{_fmt(r['efficiency']):>12}{per_seed:>16}{_pm(r['markers_mean'], r['markers_std']):>14}"
+                     f"{r['repetitive_fraction']:>11.2f}{r['kl_from_champion']:>8.3f}"
                      f"{_pm(r['r_v_mean'], r['r_v_std'], 3):>16}{r['seed_claim_efficiency']:>12.0%}")
     return "\n".join(lines)
 
 
-CSV_FIELDS = ("strategy", "mode", "score_mean", "score_std", "score_whole_words_mean", "repetitive_fraction",
-              "efficiency", "efficiency_per_seed_mean", "efficiency_per_seed_std", "efficiency_undefined_seeds",
-              "kl_from_champion", "r_v_mean", "r_v_std", "seed_claim_efficiency")
+CSV_FIELDS = ("strategy", "mode", "score_mean", "score_std", "score_whole_words_mean", "markers_mean", "markers_std",
+              "repetitive_fraction", "efficiency", "efficiency_per_seed_mean", "efficiency_per_seed_std",
+              "efficiency_undefined_seeds", "markers_efficiency", "kl_from_champion", "r_v_mean", "r_v_std",
+              "seed_claim_efficiency")
 
 
 def write_outputs(study: dict[str, Any], directory: str | Path) -> list[Path]:
@@ -315,18 +336,22 @@ def write_outputs(study: dict[str, Any], directory: str | Path) -> list[Path]:
         paths.append(directory / "layers.csv")
         with open(paths[-1], "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["sweep", "layers", "score_mean", "score_std", "efficiency", "kl_from_champion"])
+            fields = ("score_mean", "score_std", "efficiency", "markers_mean", "markers_efficiency",
+                      "repetitive_fraction", "kl_from_champion")
+            writer.writerow(["sweep", "layers", *fields])
             for sweep in ("kv_single", "v_single", "kv_pairs_best"):
                 for row in search[sweep]:
-                    writer.writerow([sweep, row["layers"], row["score_mean"], row["score_std"],
-                                     "" if row["efficiency"] is None else row["efficiency"], row["kl_from_champion"]])
+                    writer.writerow([sweep, row["layers"], *("" if row[f] is None else row[f] for f in fields)])
         paths.append(directory / "efficiency_per_layer.png")
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
         for sweep, label in (("kv_single", "KV cache of one layer (+ v-patch)"),
                              ("v_single", "v-patch at one layer (+ whole KV)")):
             layers = [int(r["layers"]) for r in search[sweep]]
-            left.plot(layers, [np.nan if r["efficiency"] is None else r["efficiency"] for r in search[sweep]], "o-",
-                      label=label)
+            line, = left.plot(layers, [np.nan if r["efficiency"] is None else r["efficiency"]
+                                       for r in search[sweep]], "o-", label=f"{label}: score")
+            left.plot(layers, [np.nan if r["markers_efficiency"] is None else r["markers_efficiency"]
+                               for r in search[sweep]], "x--", color=line.get_color(),
+                      label=f"{label}: markers only")
             right.plot(layers, [r["kl_from_champion"] for r in search[sweep]], "o-", label=label)
         kv_all = next(r for r in study["rows"] if r["strategy"] == "kv+v" and r["mode"] == "as_described")
         if kv_all["efficiency"] is not None:
