@@ -179,3 +179,20 @@ def test_cli_user_errors(trained, with_tokenizer, tmp_path, capsys):
     assert "unknown fusion component 'resonance'" in user_error(
         capsys, [*train_args, "--components", "prime,resonance"], with_tokenizer)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_committed_checkpoint_generates_on_the_real_270m(real_model):
+    """The checkpoint under checkpoints/ restores for the embedded Gemma 3 270M and generates with finite
+    readings; its recorded evaluation is there."""
+    from mtijax.fusion import Decoding, generate_fused
+
+    directory = Path(__file__).parent.parent / "checkpoints" / "gemma3-270m-standard"
+    restored = restore_checkpoint(directory, real_model.config)
+    assert restored.fusion.positions == (6, 12, 17) and restored.state.opt_state is None
+    assert restored.meta["evaluation"]["perplexity_fused_after"] > 1
+    prompt = real_model.tokenizer("In Python, a decorator is")["input_ids"]
+    result = generate_fused(real_model.config, real_model.params, restored.fusion, restored.variables, [prompt], 4,
+                            decoding=Decoding())
+    assert result.lengths[0] == 4 and np.isfinite(result.trace.entropy).all()
+    assert 0 < result.trace.coherence[0].min() <= result.trace.coherence[0].max() <= 1

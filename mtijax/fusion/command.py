@@ -57,6 +57,7 @@ def add_parser(commands: Any) -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--held-out-windows", type=int, default=16, help="held-out windows for perplexity")
     tr.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at the end)")
+    tr.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (0: before/after)")
     tr.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     tr.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     tr.add_argument("--json", action="store_true", help="print the evaluation as one JSON object")
@@ -102,8 +103,8 @@ def _train(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "seq_len", "held_out_windows"):
         if getattr(args, name) < 1:
             raise MtijaxError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.save_every < 0:
-        raise MtijaxError("--save-every must be >= 0")
+    if args.save_every < 0 or args.eval_every < 0:
+        raise MtijaxError("--save-every and --eval-every must be >= 0")
     model = _load(args.model, args.dtype)
     if model.tokenizer is None:
         raise MtijaxError(f"{model.source} has no tokenizer, which training on text needs")
@@ -117,7 +118,7 @@ def _train(args: argparse.Namespace) -> None:
                          held_out_windows=args.held_out_windows)
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     report = fit(model.config, model.params, fusion, train, corpus, args.out, resume=args.resume,
-                 model_name=args.model or "gemma3-270m", save_every=args.save_every,
+                 model_name=args.model or "gemma3-270m", save_every=args.save_every, eval_every=args.eval_every,
                  progress=sys.stderr.isatty(), log=log)
     if args.json:
         print(json.dumps({**report.evaluation, "final_loss": report.history[-1]["loss"], "checkpoint": args.out}))

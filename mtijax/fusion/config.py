@@ -43,7 +43,8 @@ class FusionConfig:
 
     Attributes:
       positions: base layers whose output residual stream passes through a fusion layer.
-      components: a subset of :data:`COMPONENTS`.
+      components: a subset of :data:`COMPONENTS`. None at all leaves the norm and ``W_o``: in parallel or
+        residual mode a plain linear adapter, the control for what the resonance components add.
       mode: ``parallel`` (``h + s W_o x``), ``sequential`` (``x``) or ``residual`` (``(1 - s) h + s W_o x``),
         with ``s = sigmoid(alpha_param)``.
       norm: LayerNorm on the layer's ``output``, on the ``fusion`` branch ``x`` before ``W_o``, or ``none``.
@@ -92,8 +93,6 @@ class FusionConfig:
         unknown = [c for c in self.components if c not in COMPONENTS]
         if unknown:
             raise MtijaxError(f"unknown fusion component {unknown[0]!r}; the components are {', '.join(COMPONENTS)}")
-        if not self.components:
-            raise MtijaxError("a fusion layer needs at least one component")
         if not self.positions:
             raise MtijaxError("a fusion config needs at least one position")
         if len(set(self.positions)) != len(self.positions) or any(p < 0 for p in self.positions):

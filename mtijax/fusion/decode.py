@@ -53,8 +53,8 @@ class Decoding:
 
 
 class StabilityTrace(NamedTuple):
-    """Per row and generated token ``[B, N]``: the readings that chose it (see ``StabilityStep``) and ``active``
-    (the row was still generating at that step)."""
+    """Per row and generated token ``[B, N]``: the readings that chose it (see ``StabilityStep``; ``temperature``
+    is the one the token was sampled at, 0 for greedy) and ``active`` (the row was still generating)."""
 
     entropy: np.ndarray
     coherence: np.ndarray
@@ -158,10 +158,12 @@ def _advance(config: ModelConfig, sampler: Sampling, controls: Controls, fields:
              stops) -> tuple[dict[str, Any], StabilityStep]:
     """Read the fed token's metrics, update stability, choose and record the next token (rows not done)."""
     done, stability = fields["done"], fields["stability"]
-    new_stability, reading = update(stability, *token_readings(metrics), StabilityConfig(**controls.stability))
+    new_stability, reading = update(stability, *token_readings(metrics, logits.shape[0]),
+                                         StabilityConfig(**controls.stability))
     stability = jax.tree.map(lambda new, old: jnp.where(done, old, new), new_stability, stability)
     key, sub = jax.random.split(fields["key"])
     if sampler.temperature == 0:
+        temperature = jnp.zeros_like(reading.temperature)
         token = sample(logits, sub, sampler)
     else:
         temperature = jnp.where(controls.auto_temperature, reading.temperature, controls.temperature)
@@ -172,7 +174,7 @@ def _advance(config: ModelConfig, sampler: Sampling, controls: Controls, fields:
     step = fields["step"]
     return dict(token=token, done=done | halt | (emit & jnp.isin(token, stops)), unstable=fields["unstable"] | halt,
                 out=fields["out"].at[:, step].set(token), count=fields["count"] + emit.astype(jnp.int32),
-                key=key, stability=stability), reading._replace(stable=reading.stable & ~done)
+                key=key, stability=stability), reading._replace(stable=reading.stable & ~done, temperature=temperature)
 
 
 def _prefill(config: ModelConfig, params, fusion: FusionConfig, variables: Variables, tokens, positions, stops, key,

@@ -65,13 +65,14 @@ class FitReport(NamedTuple):
 
 def fit(config: ModelConfig, params: Mapping[str, Any], fusion: FusionConfig, train_config: TrainConfig,
         corpus: Corpus, out_dir: str | Path, *, resume: bool = False, model_name: str | None = None,
-        save_every: int = 0, include_optimizer: bool = True, progress: bool = True,
+        save_every: int = 0, eval_every: int = 0, include_optimizer: bool = True, progress: bool = True,
         log: Callable[[str], None] = print) -> FitReport:
     """Train ``fusion`` on ``corpus`` over the frozen base model and save the checkpoint in ``out_dir``.
 
     With ``resume``, continue from the checkpoint in ``out_dir`` (same fusion and train configs); every
-    ``save_every`` steps (0: only at the end) the checkpoint is rewritten, optimiser state included.
-    Writes ``out_dir/loss_curve.png``.
+    ``save_every`` steps (0: only at the end) the checkpoint is rewritten, optimiser state included; every
+    ``eval_every`` steps (0: never) the held-out perplexity is measured (``evaluation["held_out_curve"]``,
+    ``[step, perplexity]`` pairs). Writes ``out_dir/loss_curve.png``.
     """
     out_dir = Path(out_dir)
     if resume:
@@ -97,21 +98,25 @@ def fit(config: ModelConfig, params: Mapping[str, Any], fusion: FusionConfig, tr
                                                            variables=variables_of(state))
         log(f"held-out perplexity: base {evaluation['perplexity_base']:.3f}, "
             f"fused before training {evaluation['perplexity_fused_before']:.3f}")
+        evaluation["held_out_curve"] = [[0, evaluation["perplexity_fused_before"]]]
     tick = time.perf_counter()
     while int(state.step) < train_config.steps:
-        until = train_config.steps if not save_every else min(train_config.steps, int(state.step) + save_every)
+        step = int(state.step)
+        until = min([train_config.steps] + [(step // every + 1) * every for every in (save_every, eval_every) if every])
         state, history = train(config, params, fusion, state, corpus.train, train_config, until=until,
                                history=history, progress=progress)
-        if until < train_config.steps:
+        if eval_every and until % eval_every == 0 and until < train_config.steps:
+            evaluation["held_out_curve"].append([until, perplexity(config, params, corpus.held_out, fusion=fusion,
+                                                                   variables=variables_of(state))])
+        if save_every and until % save_every == 0 and until < train_config.steps:
             checkpoint.save(out_dir, state, fusion, config, train=train_config, history=history, model=model_name,
                             extra={"evaluation": evaluation})
     evaluation["train_seconds"] = evaluation.get("train_seconds", 0.0) + time.perf_counter() - tick
     evaluation["perplexity_fused_after"] = perplexity(config, params, corpus.held_out, fusion=fusion,
                                                       variables=variables_of(state))
+    evaluation.setdefault("held_out_curve", []).append([train_config.steps, evaluation["perplexity_fused_after"]])
     log(f"held-out perplexity after {train_config.steps} steps: {evaluation['perplexity_fused_after']:.3f}")
     checkpoint.save(out_dir, state, fusion, config, train=train_config, history=history, model=model_name,
                     include_optimizer=include_optimizer, extra={"evaluation": evaluation})
-    plot_history(history, str(out_dir / LOSS_CURVE), {
-        "held-out ppl: base": evaluation["perplexity_base"], "fused before": evaluation["perplexity_fused_before"],
-        "after": evaluation["perplexity_fused_after"]})
+    plot_history(history, str(out_dir / LOSS_CURVE), evaluation["held_out_curve"], evaluation["perplexity_base"])
     return FitReport(state, history, evaluation)

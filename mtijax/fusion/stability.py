@@ -63,13 +63,13 @@ class StabilityStep(NamedTuple):
     temperature: jax.Array
 
 
-def token_readings(metrics: Mapping[int, Mapping[str, jax.Array]], index: int = -1) -> tuple[jax.Array, ...]:
+def token_readings(metrics: Mapping[int, Mapping[str, jax.Array]], batch: int,
+                   index: int = -1) -> tuple[jax.Array, ...]:
     """``(S, C, r)`` ``[B]`` of token ``index`` of each row, averaged over the fused layers that report them."""
     def mean(name: str):
         values = [m[name][:, index] for m in metrics.values() if name in m]
         return jnp.mean(jnp.stack(values), axis=0) if values else None
 
-    batch = next(v for m in metrics.values() for v in m.values() if v.ndim == 2).shape[0]
     entropy = mean("prime_entropy")
     coherence = mean("gate_coherence")
     coherence = mean("prime_coherence") if coherence is None else coherence

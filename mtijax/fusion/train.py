@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +182,8 @@ def train(config: ModelConfig, base_params: Mapping[str, Any], fusion: FusionCon
     until = train_config.steps if until is None else until
     history = list(history or [])
     first = int(state.step)
-    bar = tqdm(range(first, until), desc="training fusion layers", disable=not progress, unit="step")
+    bar = tqdm(range(first, until), desc="training fusion layers", disable=not progress, unit="step", initial=first,
+               total=train_config.steps)
     for step in bar:
         tokens = jnp.asarray(batch_at(windows, step, train_config.batch_size, train_config.seed))
         tick = time.perf_counter()
@@ -194,27 +195,40 @@ def train(config: ModelConfig, base_params: Mapping[str, Any], fusion: FusionCon
     return TrainResult(state, history)
 
 
-def plot_history(history: list[dict[str, float]], path: str, evaluations: Mapping[str, float] | None = None) -> None:
-    """Write a PNG of the loss, cross-entropy and regulariser terms per step (and held-out numbers in the title)."""
+def plot_history(history: list[dict[str, float]], path: str, held_out: Sequence[Sequence[float]] = (),
+                 base_perplexity: float | None = None, smoothing: int = 10) -> None:
+    """Write a PNG of three panels: training loss and cross-entropy per step (with a running mean over
+    ``smoothing`` steps); held-out perplexity of the fused model (``[step, perplexity]`` pairs) against the base
+    model's; the weighted regulariser terms."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
-    top.plot(steps, [h["loss"] for h in history], label="loss")
-    top.plot(steps, [h["cross_entropy"] for h in history], label="cross-entropy")
+    steps = np.asarray([h["step"] for h in history])
+    running = lambda v: np.convolve(v, np.ones(smoothing) / smoothing, mode="valid") if len(v) >= smoothing else v
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 9), sharex=True,
+                                              gridspec_kw={"height_ratios": [2, 1.3, 1]})
+    for key, label, color in (("loss", "loss", "tab:blue"), ("cross_entropy", "cross-entropy", "tab:orange")):
+        values = np.asarray([h[key] for h in history])
+        top.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        top.plot(steps[len(steps) - len(running(values)):], running(values), color=color,
+                 label=f"training {label} ({smoothing}-step mean)")
     top.set_ylabel("nats / token")
-    top.legend(loc="best")
+    top.legend(loc="best", fontsize=8)
+    if held_out:
+        points = np.asarray(held_out, np.float64)
+        middle.plot(points[:, 0], points[:, 1], "o-", color="tab:green", label="fused")
+    if base_perplexity is not None:
+        middle.axhline(base_perplexity, color="black", linestyle="--", linewidth=1, label="base model")
+    middle.set_ylabel("held-out perplexity")
+    middle.legend(loc="best", fontsize=8)
     for name in ("coherence", "entropy", "kuramoto", "alpha"):
         if name in history[0]:
             bottom.plot(steps, [h[name] for h in history], label=f"{name} term")
     bottom.set_ylabel("regulariser (weighted)")
     bottom.set_xlabel("step")
-    bottom.legend(loc="best")
-    if evaluations:
-        fig.suptitle(", ".join(f"{k} {v:.2f}" for k, v in evaluations.items()), fontsize=9)
+    bottom.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
