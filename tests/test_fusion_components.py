@@ -345,3 +345,36 @@ def test_quaternion_attention_without_rotations_is_dot_product_attention():
     params = {**params, "head_angles": jnp.zeros(2)}
     np.testing.assert_allclose(np.asarray(module.apply({"params": params}, x)[0]),
                                numpy_attention(np.asarray(x), params, 2, None), rtol=1e-4, atol=1e-5)
+
+
+# the layer's modes and norm placement ------------------------------------------------------------------------
+
+def layer_norm(x, p):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-5) * np.asarray(p["scale"]) + np.asarray(p["bias"])
+
+
+@pytest.mark.parametrize("mode,norm", [("parallel", "fusion"), ("residual", "fusion"), ("sequential", "fusion"),
+                                       ("residual", "output"), ("parallel", "none")])
+def test_layer_modes_and_norm_placement_without_components(mode, norm):
+    """With no component the branch is ``x = h``: parallel ``h + s W_o x``, residual ``(1 - s) h + s W_o x``,
+    sequential ``x``; the norm on the branch or on the output; ``s = sigmoid(alpha)`` starts at ``alpha``."""
+    from mtijax.fusion import FusionConfig, FusionLayer, LayerCarry
+
+    config = FusionConfig(positions=(0,), components=(), mode=mode, norm=norm, alpha=0.2)
+    h = jnp.asarray(RNG.standard_normal((1, 3, 8)), jnp.float32)
+    layer = FusionLayer(config)
+    carry = LayerCarry.empty(config, 1)
+    params = layer.init(jax.random.key(0), h, jnp.zeros((1, 3), jnp.int32), carry)["params"]
+    out, metrics, _ = layer.apply({"params": params}, h, jnp.zeros((1, 3), jnp.int32), carry)
+    x = np.asarray(h)[0]
+    branch = layer_norm(x, params["norm"]) if norm == "fusion" else x
+    if mode == "sequential":
+        want = branch
+    else:
+        assert float(metrics["fusion_alpha"]) == pytest.approx(0.2)
+        mixed = dense(params["out_proj"], branch)
+        want = x + 0.2 * mixed if mode == "parallel" else 0.8 * x + 0.2 * mixed
+    if norm == "output":
+        want = layer_norm(want, params["norm"])
+    np.testing.assert_allclose(np.asarray(out)[0], want, rtol=1e-5, atol=1e-5)
