@@ -143,17 +143,29 @@ def test_cli_train_writes_a_checkpoint_and_reports_perplexities(trained, with_to
         assert 1 < meta["evaluation"][key] < 1000
 
 
-def test_cli_generate_prints_the_stability_readings_per_step(trained, capsys):
+@pytest.fixture(scope="module")
+def all_on_checkpoint(runs, model, with_tokenizer, tmp_path_factory) -> Path:
+    """The 4-step training run saved as a checkpoint of the tokenizer-carrying copy of the tiny model."""
+    directory = tmp_path_factory.mktemp("all-on") / "ckpt"
+    save_checkpoint(directory, runs[0].state, ALL_ON, model.config, train=TRAIN, model=str(with_tokenizer))
+    return directory
+
+
+def test_cli_generate_prints_the_stability_readings_per_step(all_on_checkpoint, capsys):
+    """(Top-1 sampling at 10 tokens, as tests/test_fusion_model.py generates, so the compiled steps are shared.)"""
     capsys.readouterr()
-    assert main(["fuse", "generate", "--checkpoint", str(trained[0]), "--token-ids", "40,41,42",
-                 "--max-new-tokens", "3"]) == 0
+    sampling = ["--temperature", "0.9", "--top-k", "1", "--max-new-tokens", "10"]
+    assert main(["fuse", "generate", "--checkpoint", str(all_on_checkpoint), "--token-ids", "40,41,42",
+                 *sampling]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["step", "token", "S", "lambda", "C", "r", "T", "stable"]
-    assert [line.split()[0] for line in lines[1:4]] == ["0", "1", "2"] and len(lines) == 5
-    assert main(["fuse", "generate", "--checkpoint", str(trained[0]), "--auto-temperature", "--stop-on-instability",
-                 "--json", "The fox"]) == 0
+    steps = [line.split()[0] for line in lines[1:-1]]
+    assert steps == [str(i) for i in range(len(steps))] and 1 <= len(steps) <= 10
+    assert all(line.split()[-1] in ("yes", "no") for line in lines[1:-1])
+    assert main(["fuse", "generate", "--checkpoint", str(all_on_checkpoint), "--auto-temperature",
+                 "--stop-on-instability", "--json", *sampling, "The fox"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(result["ids"]) <= len(result["trace"]["temperature"]) <= 32
+    assert len(result["ids"]) <= len(result["trace"]["temperature"]) <= 10
     assert all(0.3 <= t <= 1.5 for t in result["trace"]["temperature"])
 
 
