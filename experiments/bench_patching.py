@@ -5,7 +5,7 @@
    into ``attn_v`` at the late layer and ``resid_pre`` at the middle layer
    (``decode="last"``), against the same call with the KV replacement only.
    Decode time = time of an N-token generation - time of a 1-token one (best of
-   ``--repeats``); the goal is a ratio <= 1.1. Plain ``mtijax.generate`` is timed
+   ``--repeats``, the variants interleaved); the goal is a ratio <= 1.1. Plain ``mtijax.generate`` is timed
    too, for reference.
 2. **Layer sweep.** The logits of ``attn_v`` patched at one layer, for every
    layer: one ``jax.vmap`` over the ``[L, L]`` layer masks (``mtijax.patching.sweep``)
@@ -40,15 +40,11 @@ from mtijax.patching.forward import single_layers
 from mtijax.patching.study import SEED_RESID_LAYER, SEED_V_LAYER, scale_layer
 
 
-def best_time(fn, repeats: int) -> float:
-    """Best wall time of ``fn()`` over ``repeats`` runs after one warm-up (``fn`` blocks until done)."""
+def wall_time(fn) -> float:
+    """Wall time of one ``fn()`` (``fn`` blocks until its results exist)."""
+    start = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return time.perf_counter() - start
 
 
 def bench_generation(config, params, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
@@ -72,11 +68,18 @@ def bench_generation(config, params, batch: int, prompt_len: int, new_tokens: in
 
     result = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "v_layer": v_layer,
               "resid_layer": resid_layer}
-    for name, make in (("plain_generate", plain), *((k, lambda n, p=p: patched(p, n)) for k, p in plans.items())):
-        first = best_time(make(1), repeats)
-        total = best_time(make(new_tokens), repeats)
-        result[f"{name}_decode_ms_per_step"] = 1e3 * (total - first) / (new_tokens - 1)
-        result[f"{name}_first_token_s"] = first
+    runs = {"plain_generate": plain, **{k: (lambda n, p=p: patched(p, n)) for k, p in plans.items()}}
+    best = {(name, n): float("inf") for name in runs for n in (1, new_tokens)}
+    for name, make in runs.items():  # warm-up: compile everything first
+        make(1)()
+        make(new_tokens)()
+    for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits every variant alike
+        for name, make in runs.items():
+            for n in (1, new_tokens):
+                best[name, n] = min(best[name, n], wall_time(make(n)))
+    for name in runs:
+        result[f"{name}_decode_ms_per_step"] = 1e3 * (best[name, new_tokens] - best[name, 1]) / (new_tokens - 1)
+        result[f"{name}_first_token_s"] = best[name, 1]
     result["persistent_over_kv_only"] = result["persistent_decode_ms_per_step"] / result["kv_only_decode_ms_per_step"]
     result["persistent_over_plain_generate"] = (result["persistent_decode_ms_per_step"]
                                                 / result["plain_generate_decode_ms_per_step"])
@@ -105,7 +108,10 @@ def bench_sweep(config, params, prompt_len: int, repeats: int) -> dict:
     looped = loop()
     compile_loop = time.perf_counter() - start
     agree = float(np.abs(swept - looped).max())
-    t_vmap, t_loop = best_time(vmapped, repeats), best_time(loop, repeats)
+    t_vmap = t_loop = float("inf")
+    for _ in range(repeats):  # interleaved
+        t_vmap = min(t_vmap, wall_time(vmapped))
+        t_loop = min(t_loop, wall_time(loop))
     return {"layers": config.num_layers, "prompt_len": prompt_len, "vmap_s": t_vmap, "loop_s": t_loop,
             "loop_over_vmap": t_loop / t_vmap, "first_call_vmap_s": compile_vmap, "first_call_loop_s": compile_loop,
             "max_abs_difference": agree}
@@ -120,54 +126,59 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="default: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--quick", action="store_true", help="CPU setting: 270M, batch 1, 32-token prompt, 16 new")
-    parser.add_argument("--budget-s", type=float, default=200.0,
-                        help="start no new measurement after this many seconds (those skipped are listed)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU setting: 270M, batch 1, 32-token prompt, 24 new tokens, 4 repeats")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new measurement after this many seconds (those skipped are listed); "
+                             "default 150, none with --quick")
     parser.add_argument("--out", default=None,
                         help="results JSON (default: experiments/results/bench_patching_<platform>.json)")
     args = parser.parse_args()
+    budget = args.budget_s if args.budget_s is not None else float("inf") if args.quick else 150.0
     if args.quick:
-        args.sizes, args.batches, args.prompt_len, args.new_tokens, args.repeats = "gemma3-270m", "1", 32, 16, 2
+        args.sizes, args.batches, args.prompt_len, args.new_tokens, args.repeats = "gemma3-270m", "1", 32, 24, 4
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
-    runs, skipped = [], []
+    out = Path(args.out or Path(__file__).parent / "results" / f"bench_patching_{device.platform}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"device": str(device.device_kind), "platform": device.platform, "jax": jax.__version__,
+              "host": platform.node(), "dtype": dtype, "quick": args.quick, "runs": [], "skipped": []}
     began = time.perf_counter()
 
-    def over_budget(what: str) -> bool:
-        if time.perf_counter() - began > args.budget_s:
-            skipped.append(what)
-            print(f"skipped {what}: past the {args.budget_s:.0f} s budget", flush=True)
-            return True
-        return False
+    def record(run: dict | None, what: str) -> None:
+        """Keep a measurement (or note it was skipped) and rewrite the JSON, so a cut-off run keeps its results."""
+        if run is None:
+            result["skipped"].append(what)
+            print(f"skipped {what}: past the {budget:.0f} s budget", flush=True)
+        else:
+            result["runs"].append(run)
+        result["seconds"] = round(time.perf_counter() - began, 1)
+        out.write_text(json.dumps(result, indent=2))
 
     for size in args.sizes.split(","):
-        if over_budget(size):
-            continue
         config = mtijax.preset(size)
         params = mtijax.init_params(config, jax.random.key(0), jnp.dtype(dtype))
-        for batch in (int(b) for b in args.batches.split(",")):
-            if over_budget(f"{size} generation batch {batch}"):
+        batches = [int(b) for b in args.batches.split(",")]
+        for what in [f"generation batch {batches[0]}", "sweep"] + [f"generation batch {b}" for b in batches[1:]]:
+            if time.perf_counter() - began > budget:
+                record(None, f"{size} {what}")
                 continue
+            if what == "sweep":
+                sw = bench_sweep(config, params, args.prompt_len, args.repeats)
+                record({"model": size, "kind": "sweep", **sw}, what)
+                print(f"{size}: {sw['layers']}-layer sweep {sw['vmap_s'] * 1e3:.1f} ms vmapped, "
+                      f"{sw['loop_s'] * 1e3:.1f} ms looped ({sw['loop_over_vmap']:.2f}x); first calls "
+                      f"{sw['first_call_vmap_s']:.1f} s and {sw['first_call_loop_s']:.1f} s; max |difference| "
+                      f"{sw['max_abs_difference']:.2e}", flush=True)
+                continue
+            batch = int(what.rsplit(" ", 1)[1])
             gen = bench_generation(config, params, batch, args.prompt_len, args.new_tokens, args.repeats)
-            runs.append({"model": size, "kind": "generation", **gen})
+            record({"model": size, "kind": "generation", **gen}, what)
             print(f"{size} batch {batch}: decode {gen['kv_only_decode_ms_per_step']:.2f} ms/step KV only, "
                   f"{gen['persistent_decode_ms_per_step']:.2f} with the persistent patch "
                   f"(ratio {gen['persistent_over_kv_only']:.3f}; goal <= 1.1); plain generate "
                   f"{gen['plain_generate_decode_ms_per_step']:.2f}", flush=True)
-        if over_budget(f"{size} sweep"):
-            continue
-        sw = bench_sweep(config, params, args.prompt_len, args.repeats)
-        runs.append({"model": size, "kind": "sweep", **sw})
-        print(f"{size}: {sw['layers']}-layer sweep {sw['vmap_s'] * 1e3:.1f} ms vmapped, {sw['loop_s'] * 1e3:.1f} ms "
-              f"looped ({sw['loop_over_vmap']:.2f}x); first calls {sw['first_call_vmap_s']:.1f} s and "
-              f"{sw['first_call_loop_s']:.1f} s; max |difference| {sw['max_abs_difference']:.2e}", flush=True)
         del params
-    result = {"device": str(device.device_kind), "platform": device.platform, "jax": jax.__version__,
-              "host": platform.node(), "dtype": dtype, "quick": args.quick, "runs": runs, "skipped": skipped,
-              "seconds": round(time.perf_counter() - began, 1)}
-    out = Path(args.out or Path(__file__).parent / "results" / f"bench_patching_{device.platform}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 
