@@ -95,12 +95,27 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def bucketed(length: int) -> int:
+    """``length`` rounded up to a multiple of :data:`BUCKET` (prompt widths and cache sizes, so nearby sizes share
+    one compile)."""
+    return -(-length // BUCKET) * BUCKET
+
+
+def check_token_ids(config: ModelConfig, ids) -> None:
+    """Raise :class:`MtijaxError` naming the first id of ``ids`` (a flat list, or an array of any shape) outside
+    the vocabulary."""
+    flat = np.asarray(ids, np.int64).ravel()
+    bad = flat[(flat < 0) | (flat >= config.vocab_size)]
+    if bad.size:
+        raise MtijaxError(f"token id {int(bad[0])} is out of range: the vocabulary has ids 0..{config.vocab_size - 1}")
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Left-pad prompts: ``tokens [B, P]``, ``positions [B, P]`` (-1 on padding), ``lengths [B]``."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MtijaxError("every prompt needs at least one token")
     lengths = np.array([len(p) for p in prompts], np.int32)
-    width = -(-int(lengths.max()) // BUCKET) * BUCKET
+    width = bucketed(int(lengths.max()))
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     positions = np.full((len(prompts), width), -1, np.int32)
     for row, prompt in enumerate(prompts):
@@ -158,17 +173,23 @@ _prefill_jit = jax.jit(_prefill, static_argnames=("config", "sampling", "max_new
 _step_jit = jax.jit(_step, static_argnames=("config", "sampling"), donate_argnames=("state",))
 
 
-def _setup(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-           stop_ids: Sequence[int] | None):
+def stop_tokens(config: ModelConfig, stop_ids: Sequence[int] | None) -> np.ndarray:
+    """The ids that end a row, ``[n]`` int32: ``stop_ids``, else the config's EOS ids; ``[-1]`` (never) if none."""
+    return np.array(sorted(set(config.eos_token_ids if stop_ids is None else stop_ids)) or [-1], np.int32)
+
+
+def prepare(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+            stop_ids: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
+    """Check and lay out a generation request, for every decode loop (plain, fused, streamed).
+
+    Returns ``tokens [B, P]`` and ``positions [B, P]`` (left-padded, see :func:`pad_prompts`), ``lengths [B]``, the
+    cache length (prompt width + ``max_new_tokens``, bucketed) and :func:`stop_tokens`.
+    """
     if max_new_tokens < 1:
         raise MtijaxError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-    bad = [t for p in prompts for t in p if not 0 <= int(t) < config.vocab_size]
-    if bad:
-        raise MtijaxError(f"token id {bad[0]} is out of range: the vocabulary has ids 0..{config.vocab_size - 1}")
+    check_token_ids(config, [t for p in prompts for t in p])
     tokens, positions, lengths = pad_prompts(prompts, config.pad_token_id)
-    cache_length = -(-(tokens.shape[1] + max_new_tokens) // BUCKET) * BUCKET
-    stops = np.array(sorted(set(config.eos_token_ids if stop_ids is None else stop_ids)) or [-1], np.int32)
-    return tokens, positions, lengths, cache_length, stops
+    return tokens, positions, lengths, bucketed(tokens.shape[1] + max_new_tokens), stop_tokens(config, stop_ids)
 
 
 def _decode(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -178,7 +199,7 @@ def _decode(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]
     The steps run on :func:`~mtijax.models.fused.fuse_qkv` params (one q/k/v matrix per layer, made once per
     call: a copy of the q/k/v weights lives on the device while decoding).
     """
-    tokens, positions, lengths, cache_length, stops = _setup(config, prompts, max_new_tokens, stop_ids)
+    tokens, positions, lengths, cache_length, stops = prepare(config, prompts, max_new_tokens, stop_ids)
     state = _prefill_jit(config, params, tokens, positions, stops, jax.random.key(seed), sampling,
                          max_new_tokens, cache_length)
     yield state

@@ -25,15 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtijax.config import ModelConfig
-from mtijax.errors import MtijaxError
 from mtijax.fusion.config import FusionConfig
 from mtijax.fusion.stability import StabilityConfig, StabilityState, StabilityStep, token_readings, update
 from mtijax.fusion.wrapper import Carry, Variables, check_variables, fused_hidden
-from mtijax.generate import Sampling, sample
+from mtijax.generate import Sampling, prepare, sample
 from mtijax.models.cache import KVCache, init_cache
 from mtijax.models.decoder import unembed
 
-BUCKET = 16
 DEFAULT_AUTO_START = 0.8
 TRACE_FIELDS = ("entropy", "coherence", "kuramoto_order", "lyapunov", "temperature", "stable")
 
@@ -208,20 +206,6 @@ _prefill_jit = jax.jit(_prefill, static_argnames=("config", "fusion", "sampler",
 _step_jit = jax.jit(_step, static_argnames=("config", "fusion", "sampler"), donate_argnames=("state",))
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Left-pad prompts to a multiple of 16: ``tokens [B, P]``, ``positions [B, P]`` (-1 on padding), ``lengths``."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise MtijaxError("every prompt needs at least one token")
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    width = -(-int(lengths.max()) // BUCKET) * BUCKET
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    positions = np.full((len(prompts), width), -1, np.int32)
-    for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt):] = prompt
-        positions[row, width - len(prompt):] = np.arange(len(prompt))
-    return tokens, positions, lengths
-
-
 class StepReport(NamedTuple):
     """One generation step, on the host: ``tokens [B]`` (pad for rows that stopped), ``emitted [B]``, ``done [B]``,
     ``unstable [B]`` (stopped by instability so far) and the readings (numpy ``[B]`` each) that chose the tokens."""
@@ -238,14 +222,8 @@ def stream_fused(config: ModelConfig, params: Mapping[str, Any], fusion: FusionC
                  seed: int = 0, stop_ids: Sequence[int] | None = None) -> Iterator[StepReport]:
     """Generate and yield every step as it is made (see :func:`generate_fused`); ends when all rows are done."""
     check_variables(fusion, config, variables)
-    if max_new_tokens < 1:
-        raise MtijaxError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-    bad = [t for p in prompts for t in p if not 0 <= int(t) < config.vocab_size]
-    if bad:
-        raise MtijaxError(f"token id {bad[0]} is out of range: the vocabulary has ids 0..{config.vocab_size - 1}")
-    tokens, positions, lengths = left_pad(prompts, config.pad_token_id)
-    cache_length = -(-(tokens.shape[1] + max_new_tokens) // BUCKET) * BUCKET
-    stops = jnp.asarray(sorted(set(config.eos_token_ids if stop_ids is None else stop_ids)) or [-1], jnp.int32)
+    tokens, positions, lengths, cache_length, stops = prepare(config, prompts, max_new_tokens, stop_ids)
+    stops = jnp.asarray(stops)
     sampler, controls = _split(decoding)
     state, reading = _prefill_jit(config, params, fusion, variables, tokens, positions, stops, jax.random.key(seed),
                                   controls, sampler, max_new_tokens, cache_length)

@@ -28,6 +28,7 @@ from flax import struct
 
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
+from mtijax.generate import check_token_ids
 from mtijax.interventions import ROUTING
 from mtijax.models import cache as kv
 from mtijax.models.decoder import Params, family, forward
@@ -120,9 +121,7 @@ def capture(config: ModelConfig, params: Params, tokens: jax.Array, positions: j
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     positions = jnp.asarray(positions, jnp.int32)
-    bad = np.asarray(tokens)[(np.asarray(tokens) < 0) | (np.asarray(tokens) >= config.vocab_size)]
-    if bad.size:
-        raise MtijaxError(f"token id {int(bad[0])} is out of range: the vocabulary has ids 0..{config.vocab_size - 1}")
+    check_token_ids(config, tokens)
     sites = tuple(site_names(config)) if sites is None else tuple(sites)
     for site in sites:
         check_site(config, site)

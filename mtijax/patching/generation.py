@@ -56,7 +56,7 @@ from flax import struct
 
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
-from mtijax.generate import BUCKET, STOP_CHECK_EVERY, Sampling, pad_prompts, sample
+from mtijax.generate import STOP_CHECK_EVERY, Sampling, bucketed, check_token_ids, pad_prompts, sample, stop_tokens
 from mtijax.interventions import Patch, layer_mask
 from mtijax.models import cache as kv_cache
 from mtijax.models.decoder import Params, forward_hidden, unembed
@@ -317,23 +317,20 @@ def generate_patched(config: ModelConfig, params: Params, target: Sequence[int],
     needs_source = bool(plan.patches) or plan.kv is not None
     if needs_source and not source:
         raise MtijaxError("this plan patches from a source prompt; give one")
-    for prompt in (target, source or ()):
-        bad = [t for t in prompt if not 0 <= int(t) < config.vocab_size]
-        if bad:
-            raise MtijaxError(f"token id {bad[0]} is out of range: the vocabulary has ids 0..{config.vocab_size - 1}")
+    check_token_ids(config, [*target, *(source or ())])
     if len(target) < 1:
         raise MtijaxError("the target prompt needs at least one token")
     rows = len(seeds)
-    target_width = -(-len(target) // BUCKET) * BUCKET
+    target_width = bucketed(len(target))
     if plan.kv is not None and plan.kv.policy == "whole":
-        target_width = max(target_width, -(-len(source) // BUCKET) * BUCKET)
+        target_width = max(target_width, bucketed(len(source)))
     tokens = np.full((rows, target_width), config.pad_token_id, np.int32)
     positions = np.full((rows, target_width), -1, np.int32)
     tokens[:, target_width - len(target):] = list(target)
     positions[:, target_width - len(target):] = np.arange(len(target))
     refeed = plan.first_token == "refeed"
-    cache_length = -(-(target_width + max_new_tokens + 1) // BUCKET) * BUCKET
-    stops = jnp.asarray(sorted(set(config.eos_token_ids if stop_ids is None else stop_ids)) or [-1], jnp.int32)
+    cache_length = bucketed(target_width + max_new_tokens + 1)
+    stops = jnp.asarray(stop_tokens(config, stop_ids))
 
     source_capture, source_end, source_cache = None, 0, None
     if needs_source:

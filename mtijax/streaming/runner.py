@@ -33,7 +33,7 @@ import numpy as np
 
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
-from mtijax.generate import BUCKET, Generation, Sampling, pad_prompts, sample
+from mtijax.generate import Generation, Sampling, check_token_ids, prepare, sample
 from mtijax.models import cache as kv
 from mtijax.models.decoder import ForwardOutput, family
 from mtijax.streaming.cache import LRUCache
@@ -166,7 +166,7 @@ class StreamedModel:
         """
         tokens = np.asarray(tokens, np.int32)
         b, s = tokens.shape
-        self._check_ids(tokens)
+        check_token_ids(self.config, tokens)
         positions = (np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)) if positions is None
                      else np.asarray(positions, np.int32))
         own_cache = cache is None
@@ -189,13 +189,8 @@ class StreamedModel:
         so the cost of streaming is shared by all rows. ``layers`` selects
         the layers that run (the rest are skipped as identity at every step).
         """
-        if max_new_tokens < 1:
-            raise MtijaxError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-        tokens, positions, lengths = pad_prompts(prompts, self.config.pad_token_id)
-        self._check_ids(tokens)
+        tokens, positions, lengths, cache_length, stops = prepare(self.config, prompts, max_new_tokens, stop_ids)
         batch, width = tokens.shape
-        cache_length = -(-(width + max_new_tokens) // BUCKET) * BUCKET
-        stops = np.array(sorted(set(self.config.eos_token_ids if stop_ids is None else stop_ids)) or [-1])
         order = self._order(layers)
         self._check_memory(batch, (width, 1) if max_new_tokens > 1 else (width,), cache_length, logits_per_row=1)
         pad = self.config.pad_token_id
@@ -382,8 +377,3 @@ class StreamedModel:
             raise MtijaxError(f"layer {bad[0]} is out of range: the model has layers 0..{self.config.num_layers - 1}")
         return chosen
 
-    def _check_ids(self, tokens: np.ndarray) -> None:
-        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
-        if bad.size:
-            raise MtijaxError(f"token id {int(bad[0])} is out of range: the vocabulary has ids "
-                              f"0..{self.config.vocab_size - 1}")
