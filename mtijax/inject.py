@@ -100,7 +100,7 @@ def inject(student: Params, teacher: Params, spec: InjectionSpec, alpha: jax.Arr
     """
     alpha = jnp.asarray(alpha, jnp.float32)
     layers = dict(student["layers"])
-    s_leaves, t_leaves = _layer_leaves(student), _layer_leaves(teacher)
+    t_leaves = _layer_leaves(teacher)
     for path, s_layer, t_layer in plan(student, teacher, spec):
         current = _get(layers, path)
         target = current[s_layer]

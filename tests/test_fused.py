@@ -7,7 +7,6 @@ matrix; the block then runs one product instead of three. The oracle is
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
