@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Sequence
 
+from mtijax.arguments import (MODEL_HELP, check_prompt_choice, encode_prompt, float_list, int_list, non_negative,
+                              token_ids)
 from mtijax.errors import MtijaxError
 from mtijax.fusion import command as fuse_command
 from mtijax.streaming import command as streaming
@@ -29,78 +31,40 @@ class _Parser(argparse.ArgumentParser):
         raise MtijaxError(message)
 
 
-def _token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("no token ids given")
-    return ids
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            expected = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = _Parser(prog="mtijax", description="Gemma 3 and OLMoE in pure JAX: generate text, inspect checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    model_help = "gemma3-270m (embedded default), a Hugging Face model directory, or a .gguf file"
 
     gen = commands.add_parser("generate", help="continue a prompt")
     gen.add_argument("prompt", nargs="?", help="prompt text (or use --token-ids)")
-    gen.add_argument("--model", default=None, help=model_help)
-    gen.add_argument("--token-ids", type=_token_ids, help="comma-separated prompt token ids, instead of text")
-    gen.add_argument("--max-new-tokens", type=_positive(int), default=32)
-    gen.add_argument("--temperature", type=_positive(float), default=0.0, help="0 (default) is greedy")
-    gen.add_argument("--top-k", type=_positive(int), default=0, help="0 switches top-k off")
-    gen.add_argument("--top-p", type=_positive(float), default=1.0)
+    gen.add_argument("--model", default=None, help=MODEL_HELP)
+    gen.add_argument("--token-ids", type=token_ids, help="comma-separated prompt token ids, instead of text")
+    gen.add_argument("--max-new-tokens", type=non_negative(int), default=32)
+    gen.add_argument("--temperature", type=non_negative(float), default=0.0, help="0 (default) is greedy")
+    gen.add_argument("--top-k", type=non_negative(int), default=0, help="0 switches top-k off")
+    gen.add_argument("--top-p", type=non_negative(float), default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     streaming.add_arguments(gen)
 
     inj = commands.add_parser("inject", help="blend a resized teacher tensor into a student; sweep the strength")
-    inj.add_argument("--student", default=None, help=model_help)
-    inj.add_argument("--teacher", default=None, help=model_help)
+    inj.add_argument("--student", default=None, help=MODEL_HELP)
+    inj.add_argument("--teacher", default=None, help=MODEL_HELP)
     inj.add_argument("--tensor", action="append", default=None,
                      help="layer tensor pattern such as attn/q_proj or 'mlp/*' (repeatable; default attn/q_proj)")
-    inj.add_argument("--layers", type=_int_list, default=[0], help="student layers, e.g. 0 or 0,1,2")
-    inj.add_argument("--teacher-layers", type=_int_list, default=None,
+    inj.add_argument("--layers", type=int_list, default=[0], help="student layers, e.g. 0 or 0,1,2")
+    inj.add_argument("--teacher-layers", type=int_list, default=None,
                      help="teacher layer for each student layer (default: same index, or same relative depth)")
     inj.add_argument("--resize", choices=("bilinear", "nearest", "pad"), default="bilinear")
     inj.add_argument("--align-corners", action="store_true", help="bilinear with align_corners=True")
-    inj.add_argument("--alphas", type=_float_list, default=[0.0, 0.05, 0.1, 0.2, 0.35, 0.5])
+    inj.add_argument("--alphas", type=float_list, default=[0.0, 0.05, 0.1, 0.2, 0.35, 0.5])
     inj.add_argument("--allow-extrapolation", action="store_true", help="accept alphas outside [0, 1]")
     inj.add_argument("--prompt", action="append", default=None, help="probe prompt (repeatable)")
-    inj.add_argument("--token-ids", type=_token_ids, action="append", default=None,
+    inj.add_argument("--token-ids", type=token_ids, action="append", default=None,
                      help="probe prompt as token ids (repeatable), for checkpoints without a tokenizer")
-    inj.add_argument("--max-new-tokens", type=_positive(int), default=16, help="greedy continuation length")
+    inj.add_argument("--max-new-tokens", type=non_negative(int), default=16, help="greedy continuation length")
     inj.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     inj.add_argument("--out", default=None, help="directory for study.json, study.csv and divergence.png")
     inj.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -110,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     patch_command.add_parser(commands)
 
     info = commands.add_parser("info", help="architecture, shapes, parameter count and bytes of a model")
-    info.add_argument("--model", default=None, help=model_help + ", or a preset name such as gemma3-12b")
+    info.add_argument("--model", default=None, help=MODEL_HELP + ", or a preset name such as gemma3-12b")
     info.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     info.add_argument("--json", action="store_true")
     return parser
@@ -120,22 +84,14 @@ def _generate(args: argparse.Namespace) -> None:
     from mtijax.api import load
     from mtijax.generate import Sampling, generate_stream
 
-    if args.prompt is None and args.token_ids is None:
-        raise MtijaxError("give a PROMPT or --token-ids")
-    if args.prompt is not None and args.token_ids is not None:
-        raise MtijaxError("give a PROMPT or --token-ids, not both")
+    check_prompt_choice(args.prompt, args.token_ids)
     if args.max_new_tokens < 1:
         raise MtijaxError("--max-new-tokens must be at least 1")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if streaming.wants_streaming(args):
         return streaming.run(args, sampling)
     model = load(args.model, args.dtype, tokenizer=args.token_ids is None, progress=sys.stderr.isatty())
-    if args.token_ids is not None:
-        prompt_ids = args.token_ids
-    else:
-        if model.tokenizer is None:
-            raise MtijaxError(f"{model.source} has no tokenizer; pass --token-ids instead of a prompt")
-        prompt_ids = model.tokenizer(args.prompt)["input_ids"]
+    prompt_ids = encode_prompt(model, args.prompt, args.token_ids)
     decode = (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)) if model.tokenizer else None
     stops = set(model.config.eos_token_ids)
     ids: list[int] = []

@@ -21,9 +21,9 @@ import json
 import sys
 from typing import Any
 
+from mtijax.arguments import MODEL_HELP, check_prompt_choice, encode_prompt, token_ids
 from mtijax.errors import MtijaxError
 
-MODEL_HELP = "gemma3-270m (embedded default), a Hugging Face model directory, or a .gguf file"
 
 
 def _csv(kind):
@@ -66,7 +66,7 @@ def add_parser(commands: Any) -> None:
     gen.add_argument("prompt", nargs="?", help="prompt text (or use --token-ids)")
     gen.add_argument("--checkpoint", required=True, help="a directory written by 'mtijax fuse train'")
     gen.add_argument("--model", default=None, help=MODEL_HELP + " (default: the checkpoint's)")
-    gen.add_argument("--token-ids", type=_csv(int), default=None, help="comma-separated prompt token ids")
+    gen.add_argument("--token-ids", type=token_ids, default=None, help="comma-separated prompt token ids")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; the start with "
                                                                      "--auto-temperature (greedy starts at 0.8)")
@@ -131,21 +131,13 @@ def _generate(args: argparse.Namespace) -> None:
     from mtijax.fusion.decode import Decoding, generate_fused, stream_fused
     from mtijax.generate import Sampling
 
-    if args.prompt is None and args.token_ids is None:
-        raise MtijaxError("give a PROMPT or --token-ids")
-    if args.prompt is not None and args.token_ids is not None:
-        raise MtijaxError("give a PROMPT or --token-ids, not both")
+    check_prompt_choice(args.prompt, args.token_ids)
     if args.max_new_tokens < 1:
         raise MtijaxError("--max-new-tokens must be at least 1")
     meta = checkpoint.read_meta(args.checkpoint)
     model = _load(args.model or meta["base"].get("model"), args.dtype, tokenizer=args.token_ids is None)
     restored = checkpoint.restore(args.checkpoint, model.config)
-    if args.token_ids is not None:
-        prompt_ids = args.token_ids
-    elif model.tokenizer is None:
-        raise MtijaxError(f"{model.source} has no tokenizer; pass --token-ids instead of a prompt")
-    else:
-        prompt_ids = model.tokenizer(args.prompt)["input_ids"]
+    prompt_ids = encode_prompt(model, args.prompt, args.token_ids)
     decoding = Decoding(Sampling(args.temperature, args.top_k, args.top_p), args.auto_temperature,
                         args.stop_on_instability)
     decode = (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)) if model.tokenizer else None

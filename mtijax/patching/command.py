@@ -12,10 +12,10 @@ import argparse
 import json
 import sys
 
+from mtijax.arguments import MODEL_HELP, token_ids
 from mtijax.errors import MtijaxError
 
 KV_CHOICES = "all, none, or comma-separated layers"
-MODEL_HELP = "gemma3-270m (embedded default), a Hugging Face model directory, or a .gguf file"
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -34,16 +34,6 @@ def _kv(text: str) -> str | tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected {KV_CHOICES}, got {text!r}") from None
 
 
-def _ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("no token ids given")
-    return ids
-
-
 def _markers(text: str) -> tuple[str, ...]:
     markers = tuple(m.strip() for m in text.split(",") if m.strip())
     if not markers:
@@ -57,8 +47,8 @@ def add_parser(commands) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--source", help="source (champion) prompt text")
     p.add_argument("--target", help="target (baseline) prompt text")
-    p.add_argument("--source-ids", type=_ids, help="source prompt as token ids, instead of text")
-    p.add_argument("--target-ids", type=_ids, help="target prompt as token ids, instead of text")
+    p.add_argument("--source-ids", type=token_ids, help="source prompt as token ids, instead of text")
+    p.add_argument("--target-ids", type=token_ids, help="target prompt as token ids, instead of text")
     p.add_argument("--kv", type=_kv, default="all", help=f"KV-cache layers replaced: {KV_CHOICES} (default all)")
     p.add_argument("--kv-policy", choices=("last-min", "whole"), default="last-min",
                    help="last-min (the original's: the last min(n_target, n_source) positions) or whole")

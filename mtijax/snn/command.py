@@ -6,20 +6,8 @@ import argparse
 import json
 import sys
 
+from mtijax.arguments import MODEL_HELP, token_ids
 from mtijax.errors import MtijaxError
-
-MODEL_HELP = "gemma3-270m (embedded default), a Hugging Face model directory, or a .gguf file"
-
-
-def _token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("no token ids given")
-    return ids
-
 
 def add_parser(commands) -> None:
     """Register ``snn route`` on the ``mtijax`` sub-command set."""
@@ -28,7 +16,7 @@ def add_parser(commands) -> None:
     route = actions.add_parser("route", help="route prompts through spiking units; collapse, bands, similarity")
     route.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (or use --token-ids)")
     route.add_argument("--model", default=None, help=MODEL_HELP)
-    route.add_argument("--token-ids", type=_token_ids, action="append", default=None,
+    route.add_argument("--token-ids", type=token_ids, action="append", default=None,
                        help="a prompt as comma-separated token ids (repeatable), for checkpoints without a tokenizer")
     route.add_argument("--ticks", type=int, default=10_000, help="ticks per prompt (default 10000, as the seed)")
     route.add_argument("--units", type=int, default=None,

@@ -15,21 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+from mtijax.arguments import non_negative
 from mtijax.errors import MtijaxError
 from mtijax.streaming.memory import parse_size
 
 DEFAULT_HOST_CACHE_LAYERS = 8
 DEFAULT_PREFETCH = 2
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _size(text: str) -> int:
@@ -44,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("layer streaming")
     group.add_argument("--stream", action="store_true",
                        help="stream the layers from disk instead of loading the model onto the device")
-    group.add_argument("--host-cache-layers", type=_count, default=None,
+    group.add_argument("--host-cache-layers", type=non_negative(int), default=None,
                        help=f"layers kept in host memory (default {DEFAULT_HOST_CACHE_LAYERS}; 0: none)")
-    group.add_argument("--prefetch", type=_count, default=None,
+    group.add_argument("--prefetch", type=non_negative(int), default=None,
                        help=f"layers read and copied ahead of the compute (default {DEFAULT_PREFETCH}; 0: none)")
     group.add_argument("--max-device-memory", type=_size, default=None,
                        help="refuse to start if streaming would need more device memory, e.g. 4GB or 512MiB")
