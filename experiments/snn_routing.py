@@ -176,10 +176,10 @@ def gate_section(model, tokenizer) -> dict:
         return float(-jnp.mean(jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)))
 
     plain = forward(model.config, model.params, tokens, capture=capture)
-    spiking = forward(model.config, mtijax.snn.with_spiking_gate(model.config, model.params), tokens,
-                      capture=capture)
-    limit = forward(model.config, mtijax.snn.with_spiking_gate(model.config, model.params,
-                                                               **mtijax.snn.SOFTMAX_LIMIT), tokens, capture=capture)
+    spiking = forward(model.config, model.params, tokens, capture=capture,
+                      router=mtijax.snn.spiking_gate(model.config))
+    limit = forward(model.config, model.params, tokens, capture=capture,
+                    router=mtijax.snn.spiking_gate(model.config, **mtijax.snn.SOFTMAX_LIMIT))
     k = model.config.num_experts_per_tok
     chosen = np.asarray(spiking.captured["router_experts"])  # [L, 1, S, k]
     softmax_topk = np.asarray(jax.lax.top_k(spiking.captured["router_logits"], k)[1])

@@ -37,7 +37,7 @@ router: ``router_logits [B, S, E]`` (patchable), and the capture-only
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,31 @@ class Patch:
     value: jax.Array
     mask: jax.Array
     mode: str = struct.field(pytree_node=False, default="replace")
+
+
+@struct.dataclass
+class RouterHook:
+    """A replacement of a mixture-of-experts router's logits, with per-layer params and a state that persists
+    from one forward call to the next (the spiking gate's membranes, ``mtijax.snn.gate``).
+
+    Attributes:
+      params: a pytree whose leaves are ``[L, ...]`` (layer ``l`` gets ``leaf[l]``).
+      state: a pytree whose leaves are ``[L, B, ...]``: the state before this call; the forward returns the
+        state after it (``ForwardOutput.router_state``), which the next incremental call takes.
+      fn: ``fn(logits [B, S, E] float32, positions [B, S], params_l, state_l) -> (routing_logits [B, S, E],
+        state_l)``, a static function (part of the compiled program). Padding (position -1) must leave the
+        state alone.
+      init: ``init(params, batch) -> state``, the state before any token (static).
+    """
+
+    params: Any
+    state: Any
+    fn: Callable = struct.field(pytree_node=False)
+    init: Callable = struct.field(pytree_node=False)
+
+    def start(self, batch: int) -> "RouterHook":
+        """This hook with the state before any token, for ``batch`` rows."""
+        return self.replace(state=self.init(self.params, batch))
 
 
 def layer_mask(num_layers: int, layers: Iterable[int]) -> jax.Array:
@@ -114,13 +139,27 @@ def apply_patch(h: jax.Array, patch: Patch | None) -> jax.Array:
 
 
 class Sites:
-    """What one block call does at its sites: patch with this layer's slice, then record if asked."""
+    """What one block call does at its sites: patch with this layer's slice, then record if asked; and the
+    router hook's layer slice ``(fn, params_l, state_l)``, if any, which :meth:`route` applies."""
 
-    def __init__(self, capture: tuple[str, ...], patches: Mapping[str, Patch] | None):
+    def __init__(self, capture: tuple[str, ...], patches: Mapping[str, Patch] | None,
+                 router: tuple[Callable, Any, Any] | None = None):
         self.capture = capture
         self.patches = patches or {}
         self.captured: dict[str, jax.Array] = {}
         self.visited: set[str] = set()
+        self.router = router
+        self.router_state: Any = None if router is None else router[2]
+
+    def route(self, logits: jax.Array, positions: jax.Array) -> jax.Array:
+        """The logits a mixture-of-experts layer routes on: ``logits [B, S, E]`` through the router hook (and its
+        new state kept in ``router_state``), or unchanged without one."""
+        self.visited.add("router")
+        if self.router is None:
+            return logits
+        fn, params, state = self.router
+        routed, self.router_state = fn(logits.astype(jnp.float32), positions, params, state)
+        return routed
 
     def __call__(self, name: str, h: jax.Array) -> jax.Array:
         h = apply_patch(h, self.patches.get(name))

@@ -1,18 +1,21 @@
-"""Stability-aware generation with the KV cache: a jitted prefill, then one jitted, cache-donating step per token.
+"""Stability-aware generation with the fusion layers: the engine's decode loop with the layers grafted in
+and a sampling policy with state.
 
-Each call feeds the model the new tokens, the KV cache, and the fusion layers' carry (``LayerCarry``):
-the Kuramoto running sums and the PRSC's previous token. With the default causal Kuramoto coupling every
-fusion metric and every logit of a decode step equals what a full forward over the whole sequence gives
-for that token (tested), so the stability readings are exact, not approximations over a window. (With
+The fusion layers enter the engine as grafts (:func:`grafts`): transforms on the residual stream after
+the blocks ``fusion.positions``, whose carry (the Kuramoto running sums and the PRSC's previous token)
+lives in the decode state. With the default causal Kuramoto coupling every fusion metric and every
+logit of a decode step equals what a full forward over the whole sequence gives for that token
+(tested), so the stability readings are exact, not approximations over a window. (With
 ``kuramoto_scope="sequence"`` each call is its own oscillator population; see ``mtijax.fusion.kuramoto``.)
 
-At every step the readings of the token just fed (prime entropy ``S_t``, gate coherence ``C_t``, Kuramoto
+At every call the readings of the token just fed (prime entropy ``S_t``, gate coherence ``C_t``, Kuramoto
 order ``r_t``, averaged over the fused layers) update the Lyapunov estimate and the suggested temperature
-(``mtijax.fusion.stability``). With ``auto_temperature`` the next token is sampled at that temperature
-(starting from the requested one, or 0.8, the original's default, when greedy was requested); with
-``stop_on_instability`` a row whose estimate exceeds the threshold stops before emitting that token.
-Prompts are left-padded to a multiple of 16 and the cache sized to hold them and every new token, so
-nearby lengths share one compile. The whole trace comes back (:class:`StabilityTrace`) and can be plotted.
+(``mtijax.fusion.stability``); this is :class:`StabilityPolicy`. With ``auto_temperature`` the next token is
+sampled at that temperature (starting from the requested one, or 0.8, the original's default, when greedy
+was requested); with ``stop_on_instability`` a row whose estimate exceeds the threshold stops before
+emitting that token. The switches and thresholds are data in the policy's state, so changing them does not
+recompile. Other interventions (patches, step patches, a router hook) compose: pass them as
+``interventions``. The whole trace comes back (:class:`StabilityTrace`) and can be plotted.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtijax.config import ModelConfig
+from mtijax.engine import loop
+from mtijax.errors import MtijaxError
+from mtijax.engine.interventions import Graft, Interventions
+from mtijax.engine.sampling import Choice, Sampling, sample_rows
 from mtijax.fusion.config import FusionConfig
-from mtijax.fusion.stability import StabilityConfig, StabilityState, StabilityStep, token_readings, update
-from mtijax.fusion.wrapper import Carry, Variables, check_variables, fused_hidden
-from mtijax.generate import Sampling, prepare, sample
-from mtijax.models.cache import KVCache, init_cache
-from mtijax.models.decoder import unembed
+from mtijax.fusion.layer import FusionLayer, LayerCarry
+from mtijax.fusion.stability import StabilityConfig, StabilityState, token_readings, update
+from mtijax.fusion.wrapper import Variables, check_variables
+from mtijax.generate import start_run
 
 DEFAULT_AUTO_START = 0.8
 TRACE_FIELDS = ("entropy", "coherence", "kuramoto_order", "lyapunov", "temperature", "stable")
@@ -115,19 +121,31 @@ class FusedGeneration(NamedTuple):
         return ids[:-1] if self.stopped[row] and not keep_stop else ids
 
 
-class DecodeState(NamedTuple):
-    """Everything a decode step reads and writes (donated to each step)."""
+@dataclasses.dataclass(frozen=True)
+class FusionGraft:
+    """One fusion layer as an engine graft: ``(variables, h, positions, carry) -> (h, carry, metrics)``."""
 
-    cache: KVCache
-    carry: Carry
-    token: jax.Array
-    done: jax.Array
-    unstable: jax.Array
-    out: jax.Array
-    count: jax.Array
-    step: jax.Array
-    key: jax.Array
-    stability: StabilityState
+    fusion: FusionConfig
+
+    def init_carry(self, batch: int) -> LayerCarry:
+        return LayerCarry.empty(self.fusion, batch)
+
+    def __call__(self, variables: Any, h: jax.Array, positions: jax.Array,
+                 carry: LayerCarry) -> tuple[jax.Array, LayerCarry, dict[str, jax.Array]]:
+        out, metrics, new_carry = FusionLayer(self.fusion).apply(variables, h, positions, carry)
+        return out, new_carry, metrics
+
+
+def grafts(fusion: FusionConfig, variables: Variables) -> dict[int, Graft]:
+    """The fusion layers as engine grafts (``Interventions(grafts=...)``), one per fused layer."""
+    layers, memories = variables["params"]["layers"], variables.get("memory", {}).get("layers", {})
+    out = {}
+    for position in fusion.positions:
+        collections = {"params": layers[str(position)]}
+        if str(position) in memories:
+            collections["memory"] = memories[str(position)]
+        out[position] = Graft(collections, FusionGraft(fusion))
+    return out
 
 
 class Controls(NamedTuple):
@@ -139,71 +157,47 @@ class Controls(NamedTuple):
     stability: dict[str, jax.Array]
 
 
-def _split(decoding: Decoding) -> tuple[Sampling, Controls]:
-    """``(static sampler, traced controls)``: the sampler is greedy only when greedy was asked for without
-    auto-temperature; otherwise logits are divided by the temperature and sampled at temperature 1."""
-    s = decoding.sampling
-    greedy = s.temperature == 0 and not decoding.auto_temperature
-    sampler = Sampling(0.0 if greedy else 1.0, s.top_k, s.top_p)
-    fixed = s.temperature if s.temperature > 0 else 1.0
-    controls = Controls(jnp.asarray(decoding.auto_temperature), jnp.asarray(decoding.stop_on_instability),
-                        jnp.float32(decoding.start_temperature if decoding.auto_temperature else fixed),
-                        {k: jnp.float32(v) for k, v in dataclasses.asdict(decoding.stability).items()})
-    return sampler, controls
+@dataclasses.dataclass(frozen=True)
+class StabilityPolicy:
+    """The engine policy of stability-aware decoding (see the module docstring).
 
+    Only the sampler (greedy, or temperature 1 over logits divided by the chosen temperature, with top-k
+    and top-p) is part of the compiled step; ``decoding`` is read by :meth:`start`, outside it.
+    """
 
-def _advance(config: ModelConfig, sampler: Sampling, controls: Controls, fields: dict[str, Any], logits, metrics,
-             stops) -> tuple[dict[str, Any], StabilityStep]:
-    """Read the fed token's metrics, update stability, choose and record the next token (rows not done)."""
-    done, stability = fields["done"], fields["stability"]
-    new_stability, reading = update(stability, *token_readings(metrics, logits.shape[0]),
-                                         StabilityConfig(**controls.stability))
-    stability = jax.tree.map(lambda new, old: jnp.where(done, old, new), new_stability, stability)
-    key, sub = jax.random.split(fields["key"])
-    if sampler.temperature == 0:
-        temperature = jnp.zeros_like(reading.temperature)
-        token = sample(logits, sub, sampler)
-    else:
-        temperature = jnp.where(controls.auto_temperature, reading.temperature, controls.temperature)
-        token = sample(logits / temperature[:, None], sub, sampler)
-    halt = controls.stop_on_instability & reading.diverging & ~done
-    emit = ~done & ~halt
-    token = jnp.where(emit, token, config.pad_token_id)
-    step = fields["step"]
-    return dict(token=token, done=done | halt | (emit & jnp.isin(token, stops)), unstable=fields["unstable"] | halt,
-                out=fields["out"].at[:, step].set(token), count=fields["count"] + emit.astype(jnp.int32),
-                key=key, stability=stability), reading._replace(stable=reading.stable & ~done, temperature=temperature)
+    sampler: Sampling
+    decoding: Decoding = dataclasses.field(compare=False, default=Decoding())
 
+    @classmethod
+    def of(cls, decoding: Decoding) -> "StabilityPolicy":
+        s = decoding.sampling
+        greedy = s.temperature == 0 and not decoding.auto_temperature
+        return cls(Sampling(0.0 if greedy else 1.0, s.top_k, s.top_p), decoding)
 
-def _prefill(config: ModelConfig, params, fusion: FusionConfig, variables: Variables, tokens, positions, stops, key,
-             controls: Controls, sampler: Sampling, max_new_tokens: int,
-             cache_length: int) -> tuple[DecodeState, StabilityStep]:
-    batch = tokens.shape[0]
-    cache = init_cache(config.num_layers, batch, cache_length, config.num_kv_heads, config.head_dim,
-                       params["embed"].dtype)
-    out = fused_hidden(config, params, fusion, variables, tokens, positions, cache=cache, write_index=0)
-    logits = unembed(config, params, out.logits[:, -1])
-    fields = dict(done=jnp.zeros((batch,), bool), unstable=jnp.zeros((batch,), bool),
-                  out=jnp.full((batch, max_new_tokens), config.pad_token_id, jnp.int32),
-                  count=jnp.zeros((batch,), jnp.int32), step=jnp.int32(0), key=key,
-                  stability=StabilityState.start(batch, controls.temperature))
-    fields, reading = _advance(config, sampler, controls, fields, logits, out.metrics, stops)
-    return DecodeState(out.cache, out.carry, step=jnp.int32(0), **fields), reading
+    def start(self, batch: int) -> tuple[StabilityState, Controls]:
+        d = self.decoding
+        fixed = d.sampling.temperature if d.sampling.temperature > 0 else 1.0
+        controls = Controls(jnp.asarray(d.auto_temperature), jnp.asarray(d.stop_on_instability),
+                            jnp.float32(d.start_temperature if d.auto_temperature else fixed),
+                            {k: jnp.float32(v) for k, v in dataclasses.asdict(d.stability).items()})
+        return StabilityState.start(batch, controls.temperature), controls
 
-
-def _step(config: ModelConfig, params, fusion: FusionConfig, variables: Variables, state: DecodeState, lengths,
-          width, stops, controls: Controls, sampler: Sampling) -> tuple[DecodeState, StabilityStep]:
-    out = fused_hidden(config, params, fusion, variables, state.token[:, None], (lengths + state.step)[:, None],
-                       cache=state.cache, write_index=width + state.step, carry=state.carry)
-    logits = unembed(config, params, out.logits[:, -1])
-    step = state.step + 1
-    fields, reading = _advance(config, sampler, controls, dict(state._asdict(), step=step), logits, out.metrics,
-                               stops)
-    return DecodeState(out.cache, out.carry, step=step, **fields), reading
-
-
-_prefill_jit = jax.jit(_prefill, static_argnames=("config", "fusion", "sampler", "max_new_tokens", "cache_length"))
-_step_jit = jax.jit(_step, static_argnames=("config", "fusion", "sampler"), donate_argnames=("state",))
+    def choose(self, state: tuple[StabilityState, Controls], logits: jax.Array, keys: jax.Array,
+               metrics: Mapping[int, Mapping[str, jax.Array]], done: jax.Array,
+               suppress: jax.Array | None) -> Choice:
+        stability, controls = state
+        new, reading = update(stability, *token_readings(metrics, logits.shape[0]),
+                              StabilityConfig(**controls.stability))
+        stability = jax.tree.map(lambda n, o: jnp.where(done, o, n), new, stability)
+        if self.sampler.temperature == 0:
+            temperature = jnp.zeros_like(reading.temperature)
+            token = sample_rows(logits, keys, self.sampler, suppress)
+        else:
+            temperature = jnp.where(controls.auto_temperature, reading.temperature, controls.temperature)
+            token = sample_rows(logits / temperature[:, None], keys, self.sampler, suppress)
+        halt = controls.stop_on_instability & reading.diverging & ~done
+        record = reading._replace(stable=reading.stable & ~done, temperature=temperature)._asdict()
+        return Choice(token, ~done & ~halt, halt, (stability, controls), record)
 
 
 class StepReport(NamedTuple):
@@ -217,55 +211,58 @@ class StepReport(NamedTuple):
     reading: dict[str, np.ndarray]
 
 
+def _with_fusion(config: ModelConfig, fusion: FusionConfig, variables: Variables,
+                 interventions: Interventions | None) -> Interventions:
+    """``interventions`` with the fusion layers added as grafts."""
+    check_variables(fusion, config, variables)
+    interventions = Interventions() if interventions is None else interventions
+    overlap = sorted(set(interventions.grafts) & set(fusion.positions))
+    if overlap:
+        raise MtijaxError(f"layer {overlap[0]} already has a graft; a fusion layer cannot share it")
+    interventions = interventions.replace(grafts={**interventions.grafts, **grafts(fusion, variables)})
+    return interventions
+
+
 def stream_fused(config: ModelConfig, params: Mapping[str, Any], fusion: FusionConfig, variables: Variables,
                  prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *, decoding: Decoding = Decoding(),
-                 seed: int = 0, stop_ids: Sequence[int] | None = None) -> Iterator[StepReport]:
+                 seed: int = 0, stop_ids: Sequence[int] | None = None, suppress_ids: Sequence[int] | None = None,
+                 interventions: Interventions | None = None) -> Iterator[StepReport]:
     """Generate and yield every step as it is made (see :func:`generate_fused`); ends when all rows are done."""
-    check_variables(fusion, config, variables)
-    tokens, positions, lengths, cache_length, stops = prepare(config, prompts, max_new_tokens, stop_ids)
-    stops = jnp.asarray(stops)
-    sampler, controls = _split(decoding)
-    state, reading = _prefill_jit(config, params, fusion, variables, tokens, positions, stops, jax.random.key(seed),
-                                  controls, sampler, max_new_tokens, cache_length)
-    lengths, width = jnp.asarray(lengths), jnp.int32(tokens.shape[1])
-    count = np.zeros(len(prompts), np.int32)
-    for index in range(max_new_tokens):
-        if index:
-            state, reading = _step_jit(config, params, fusion, variables, state, lengths, width, stops, controls,
-                                       sampler)
-        new_count = np.asarray(state.count)
-        done = np.asarray(state.done)
-        yield StepReport(np.asarray(state.token), new_count > count, done, np.asarray(state.unstable),
-                         {name: np.asarray(value) for name, value in reading._asdict().items()})
-        count = new_count
-        if done.all():
-            return
+    interventions = _with_fusion(config, fusion, variables, interventions)
+    request, steps = start_run(config, params, prompts, max_new_tokens, policy=StabilityPolicy.of(decoding),
+                               seed=seed, stop_ids=stop_ids, suppress_ids=suppress_ids, interventions=interventions)
+    batch = request.batch
+    unstable = np.zeros(batch, bool)
+    for _, record in loop.stream(steps, request):
+        halt = np.asarray(record.halt)[:batch]
+        unstable = unstable | halt
+        yield StepReport(np.asarray(record.token)[:batch], np.asarray(record.emit)[:batch],
+                         np.asarray(record.done)[:batch], unstable.copy(),
+                         {name: np.asarray(v)[:batch] for name, v in record.readings.items()})
 
 
 def generate_fused(config: ModelConfig, params: Mapping[str, Any], fusion: FusionConfig, variables: Variables,
                    prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *, decoding: Decoding = Decoding(),
-                   seed: int = 0, stop_ids: Sequence[int] | None = None) -> FusedGeneration:
+                   seed: int = 0, stop_ids: Sequence[int] | None = None, suppress_ids: Sequence[int] | None = None,
+                   interventions: Interventions | None = None) -> FusedGeneration:
     """Generate up to ``max_new_tokens`` per prompt with the fusion layers, monitoring stability.
 
     Rows stop at a token of ``stop_ids`` (default: the config's EOS ids) or, with
-    ``decoding.stop_on_instability``, when diverging. Returns the tokens and the full trace.
+    ``decoding.stop_on_instability``, when diverging. ``interventions`` (patches, step patches, a router hook,
+    other grafts) compose with the fusion layers. Returns the tokens and the full trace.
     """
-    steps = list(stream_fused(config, params, fusion, variables, prompts, max_new_tokens, decoding=decoding,
-                              seed=seed, stop_ids=stop_ids))
-    batch = len(prompts)
-    tokens = np.full((batch, max_new_tokens), config.pad_token_id, np.int32)
+    interventions = _with_fusion(config, fusion, variables, interventions)
+    request, steps = start_run(config, params, prompts, max_new_tokens, policy=StabilityPolicy.of(decoding),
+                               seed=seed, stop_ids=stop_ids, suppress_ids=suppress_ids, interventions=interventions)
+    run = loop.collect(steps, request, config.pad_token_id, check_every=1)
+    batch = request.batch
     trace = {name: np.zeros((batch, max_new_tokens), bool if name == "stable" else np.float32)
              for name in TRACE_FIELDS}
     active = np.zeros((batch, max_new_tokens), bool)
     previous_done = np.zeros(batch, bool)
-    for index, report in enumerate(steps):
-        tokens[:, index] = report.tokens
+    for index, record in enumerate(run.records):
         active[:, index] = ~previous_done
         for name in TRACE_FIELDS:
-            trace[name][:, index] = report.reading[name]
-        previous_done = report.done
-    last = steps[-1]
-    lengths = np.sum(np.stack([s.emitted for s in steps]), axis=0).astype(np.int32)
-    stops = set(config.eos_token_ids if stop_ids is None else stop_ids)
-    stopped = np.array([lengths[r] > 0 and int(tokens[r, lengths[r] - 1]) in stops for r in range(batch)])
-    return FusedGeneration(tokens, lengths, stopped, last.unstable, StabilityTrace(**trace, active=active))
+            trace[name][:, index] = record.readings[name]
+        previous_done = record.done
+    return FusedGeneration(run.tokens, run.lengths, run.stopped, run.halted, StabilityTrace(**trace, active=active))

@@ -16,7 +16,7 @@ import numpy as np
 
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
-from mtijax.interventions import Patch, Sites, check_sites
+from mtijax.interventions import Patch, RouterHook, Sites, check_sites
 from mtijax.models import cache as kv
 
 Params = dict[str, Any]
@@ -31,11 +31,23 @@ class ForwardOutput(NamedTuple):
       logits: ``[B, S, V]`` float32.
       cache: the cache with this call's keys and values written, or None.
       captured: site name -> ``[L, B, S, ...]`` for each captured site.
+      router_state: the router hook's state after this call (``[L, B, ...]`` leaves), or None without one.
     """
 
     logits: jax.Array
     cache: kv.KVCache | None
     captured: dict[str, jax.Array]
+    router_state: Any = None
+
+
+class HiddenOutput(NamedTuple):
+    """What :func:`forward_hidden` returns: :class:`ForwardOutput` with the last residual stream ``hidden
+    [B, S, D]`` in place of the logits."""
+
+    hidden: jax.Array
+    cache: kv.KVCache | None
+    captured: dict[str, jax.Array]
+    router_state: Any = None
 
 
 def family(config: ModelConfig) -> ModuleType:
@@ -96,14 +108,11 @@ def _store(buffer: jax.Array, value: jax.Array, index: jax.Array) -> jax.Array:
 def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
                    cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
                    capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
-                   transforms: Mapping[int, ResidualTransform] | None = None,
+                   transforms: Mapping[int, ResidualTransform] | None = None, router: RouterHook | None = None,
                    capture_layers: Sequence[int] | None = None, capture_slots: jax.Array | None = None,
-                   keep_kv: bool = False,
-                   unroll: int | bool = 1) -> tuple[jax.Array, kv.KVCache | None, dict[str, jax.Array]]:
-    """:func:`forward` without the output head: returns the last residual stream ``[B, S, D]``, cache, captures.
-
-    ``unroll`` is passed to the layer ``lax.scan`` (True: straight-line code, one copy of the block per layer).
-    """
+                   keep_kv: bool = False, layout: str = "params", unroll: int | bool = 1) -> HiddenOutput:
+    """:func:`forward` without the output head: the last residual stream ``[B, S, D]``, cache, captures and
+    router state (:class:`HiddenOutput`)."""
     capture = check_sites(capture)
     keep_layers = _keep_layers(config.num_layers, capture_layers)
     check_sites((patches or {}).keys(), patching=True)
@@ -124,26 +133,31 @@ def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, posit
     visited: set[str] = set()
     keep = _slot_selector(capture_slots, b)
 
-    def layer_step(x, layer, layer_spec_l, layer_cache, layer_patches):
+    def layer_step(x, layer, layer_spec_l, layer_cache, layer_patches, layer_router):
         cache_kv = None if layer_cache is None else (*layer_cache, cache.positions)
-        sites = Sites(capture, layer_patches)
-        x, new_kv = arch.block(config, layer, layer_spec_l, x, positions, cache_kv, sites)
+        sites = Sites(capture, layer_patches, None if router is None else (router.fn, *layer_router))
+        x, new_kv = arch.block(config, layer, layer_spec_l, x, positions, cache_kv, sites, layout)
         visited.update(sites.visited)
-        return x, new_kv, {name: keep(value) for name, value in sites.captured.items()}
+        return x, new_kv, {name: keep(value) for name, value in sites.captured.items()}, sites.router_state
 
     def step(carry, xs):
         x, kept = carry
-        layer, layer_spec_l, layer_cache, layer_patches, keep_index = xs
-        x, new_kv, captured = layer_step(x, layer, layer_spec_l, layer_cache, layer_patches)
+        layer, layer_spec_l, layer_cache, layer_patches, layer_router, keep_index = xs
+        x, new_kv, captured, router_state = layer_step(x, layer, layer_spec_l, layer_cache, layer_patches,
+                                                       layer_router)
         if keep_layers is None:
-            return (x, kept), (new_kv, captured)
-        return (x, {n: _store(kept[n], captured[n], keep_index) for n in kept}), (new_kv, {})
+            return (x, kept), (new_kv, captured, router_state)
+        return (x, {n: _store(kept[n], captured[n], keep_index) for n in kept}), (new_kv, {}, router_state)
 
-    xs = (params["layers"], spec, cache_xs, dict(patches or {}), None if keep_layers is None else keep_layers)
+    if router is not None and router.state is None:
+        router = router.start(b)
+    router_xs = None if router is None else (router.params, router.state)
+    xs = (params["layers"], spec, cache_xs, dict(patches or {}), router_xs,
+          None if keep_layers is None else keep_layers)
     kept = {}
     if keep_layers is not None:
         first = jax.tree.map(lambda a: a[0], xs)
-        shapes = jax.eval_shape(lambda: layer_step(x, *first[:4])[2])
+        shapes = jax.eval_shape(lambda: layer_step(x, *first[:5])[2])
         count = int((keep_layers >= 0).sum())
         kept = {n: jnp.zeros((count, *v.shape), v.dtype) for n, v in shapes.items()}
     segments = []
@@ -157,27 +171,28 @@ def forward_hidden(config: ModelConfig, params: Params, tokens: jax.Array, posit
         if stop in transforms:
             x = transforms[stop](x, positions)
         start = stop + 1
-    new_kv, captured = segments[0] if len(segments) == 1 else jax.tree.map(
+    new_kv, captured, router_state = segments[0] if len(segments) == 1 else jax.tree.map(
         lambda *parts: jnp.concatenate(parts), *segments)
     if keep_layers is not None:
         captured = kept
     missing = sorted((set(capture) | set(patches or {})) - visited)
     if missing:
         raise MtijaxError(f"{config.architecture} has no activation site {missing[0]!r}")
+    if router is not None and "router" not in visited:
+        raise MtijaxError(f"a router hook needs a mixture-of-experts model; {config.architecture} has no router")
     if cache is not None:
         cache = kv.write(cache, *new_kv, positions, write_index)
     elif keep_kv:
         cache = kv.KVCache(*new_kv, positions)
-    return x, cache, captured
+    return HiddenOutput(x, cache, captured, router_state)
 
 
 def forward(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
             cache: kv.KVCache | None = None, write_index: jax.Array | int = 0,
             capture: tuple[str, ...] = (), patches: Mapping[str, Patch] | None = None,
-            transforms: Mapping[int, ResidualTransform] | None = None,
+            transforms: Mapping[int, ResidualTransform] | None = None, router: RouterHook | None = None,
             capture_layers: Sequence[int] | None = None, capture_slots: jax.Array | None = None,
-            keep_kv: bool = False,
-            unroll: int | bool = 1) -> ForwardOutput:
+            keep_kv: bool = False, layout: str = "params", unroll: int | bool = 1) -> ForwardOutput:
     """Run the decoder over ``tokens [B, S]``; pure, so ``jax.jit`` it with ``config`` static.
 
     Args:
@@ -192,6 +207,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, positions: j
         ``jax.grad`` and ``jax.jit`` of the caller see through it. The layer scan is split at these layers
         (a Python structure, so a different set of layers is a different compile); captures and cache
         have the unsplit scan's layout (and its values, up to float rounding).
+      router: a :class:`~mtijax.interventions.RouterHook` replacing a mixture-of-experts router's logits
+        (``mtijax.snn.gate.spiking_gate``); its state after this call is ``ForwardOutput.router_state``.
       capture_layers: keep captures of these layers only (sorted; ``captured[site]`` is ``[len(layers), ...]``).
         They are written into a buffer carried through the layer scan, so the other layers' activations are
         never stored.
@@ -199,10 +216,11 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, positions: j
         (``captured[site]`` is ``[..., B, S', ...]``), selected inside the block.
       keep_kv: without a ``cache``, return this call's keys and values as a cache of ``S`` slots (computed
         exactly as without it: the tokens attend to each other only).
+      layout: how ``params`` hold their weights: ``"params"`` (the documented layout) or ``"fused_qkv"``
+        (:func:`mtijax.models.fused.fuse_qkv`, the decode-time layout).
       unroll: passed to the layer ``lax.scan``; True unrolls it (faster decode on GPU, slower compile).
     """
-    x, cache, captured = forward_hidden(config, params, tokens, positions, cache=cache, write_index=write_index,
-                                        capture=capture, patches=patches, transforms=transforms,
-                                        capture_layers=capture_layers, capture_slots=capture_slots, keep_kv=keep_kv,
-                                        unroll=unroll)
-    return ForwardOutput(unembed(config, params, x), cache, captured)
+    out = forward_hidden(config, params, tokens, positions, cache=cache, write_index=write_index, capture=capture,
+                         patches=patches, transforms=transforms, router=router, capture_layers=capture_layers,
+                         capture_slots=capture_slots, keep_kv=keep_kv, layout=layout, unroll=unroll)
+    return ForwardOutput(unembed(config, params, out.hidden), out.cache, out.captured, out.router_state)

@@ -89,7 +89,7 @@ def unembed(config: Gemma3Config, params: Params, x: jax.Array) -> jax.Array:
 
 def block(config: Gemma3Config, layer: Params, spec: Mapping[str, jax.Array], x: jax.Array, positions: jax.Array,
           cache_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None, sites: Sites | None = None,
-          ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+          layout: str = "params") -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One decoder layer.
 
     Args:
@@ -99,6 +99,8 @@ def block(config: Gemma3Config, layer: Params, spec: Mapping[str, jax.Array], x:
       cache_kv: ``(k [B, T, K, H], v [B, T, K, H], positions [B, T])`` of this
         layer's cache before this call, or None to attend to this call's tokens only.
       sites: patches and captures at the named sites (see ``mtijax.interventions``).
+      layout: how ``layer`` holds its weights: ``"params"`` (documented above) or ``"fused_qkv"``
+        (``mtijax.models.fused``); a static choice of the caller.
     Returns:
       ``(x [B, S, D], (k, v))``: the new residual stream and this call's keys
       and values ``[B, S, K, H]`` (normed and rotated) for the caller to store.
@@ -109,7 +111,7 @@ def block(config: Gemma3Config, layer: Params, spec: Mapping[str, jax.Array], x:
     attn = layer["attn"]
     x = sites("resid_pre", x)
     normed = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
-    q, k, v = project_qkv(normed, attn, n, k_heads, h)
+    q, k, v = project_qkv(normed, attn, n, k_heads, h, layout)
     q, k, v = sites("attn_q", q), sites("attn_k", k), sites("attn_v", v)
     q = apply_rope(rms_norm(q, attn["q_norm"], config.rms_norm_eps), positions, spec["inv_freq"])
     k = apply_rope(rms_norm(k, attn["k_norm"], config.rms_norm_eps), positions, spec["inv_freq"])

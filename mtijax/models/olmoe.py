@@ -95,19 +95,12 @@ def unembed(config: OlmoeConfig, params: Params, x: jax.Array) -> jax.Array:
     return jnp.einsum("...d,dv->...v", x, params["unembed"], preferred_element_type=jnp.float32)
 
 
-def route(config: OlmoeConfig, logits: jax.Array,
-          spiking: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
-    """Top-k routing from router logits ``[..., E]``: ``(experts [..., k] int32, weights [..., k] float32)``.
+def route(config: OlmoeConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing from routing logits ``[..., E]``: ``(experts [..., k] int32, weights [..., k] float32)``.
 
     Softmax in float32 over all experts, the k most probable (best first),
-    renormalised to sum to 1 when ``norm_topk_prob``. With ``spiking`` (a
-    layer's ``moe/spiking`` params) it routes on the spiking gate's membranes
-    instead of ``logits [B, S, E]`` (``mtijax.snn.gate``).
+    renormalised to sum to 1 when ``norm_topk_prob``.
     """
-    if spiking is not None:
-        from mtijax.snn.gate import gate_logits
-
-        logits = gate_logits(logits, spiking)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, config.num_experts_per_tok)
     if config.norm_topk_prob:
@@ -169,9 +162,11 @@ DISPATCHES = {"gathered": experts_gathered, "grouped": experts_grouped, "dense":
 
 def block(config: OlmoeConfig, layer: Params, spec: Mapping[str, jax.Array], x: jax.Array, positions: jax.Array,
           cache_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None, sites: Sites | None = None,
-          dispatch: str | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+          layout: str = "params", dispatch: str | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One OLMoE layer; same contract as ``mtijax.models.gemma3.block``.
 
+    The router's logits pass through ``sites.route`` (a router hook, e.g. the spiking gate of
+    ``mtijax.snn.gate``, when the caller gives one; the identity otherwise) before the top-k.
     ``dispatch`` forces one of :data:`DISPATCHES` (default: :func:`choose_dispatch`).
     """
     sites = sites or Sites((), None)
@@ -181,7 +176,7 @@ def block(config: OlmoeConfig, layer: Params, spec: Mapping[str, jax.Array], x: 
     attn = layer["attn"]
     x = sites("resid_pre", x)
     normed = rms_norm(x, layer["input_norm"], eps, plus_one=False)
-    q, k, v = project_qkv(normed, attn, n, k_heads, h)
+    q, k, v = project_qkv(normed, attn, n, k_heads, h, layout)
     q, k, v = sites("attn_q", q), sites("attn_k", k), sites("attn_v", v)
     q = rms_norm(q.reshape(b, s, n * h), attn["q_norm"], eps, plus_one=False).reshape(b, s, n, h)
     k = rms_norm(k.reshape(b, s, k_heads * h), attn["k_norm"], eps, plus_one=False).reshape(b, s, k_heads, h)
@@ -197,7 +192,7 @@ def block(config: OlmoeConfig, layer: Params, spec: Mapping[str, jax.Array], x: 
     moe = layer["moe"]
     normed = rms_norm(x, layer["post_attn_norm"], eps, plus_one=False).reshape(b * s, d)
     logits = sites("router_logits", (normed @ moe["router"]).reshape(b, s, -1))
-    experts, weights = route(config, logits, moe.get("spiking"))
+    experts, weights = route(config, sites.route(logits, positions))
     sites.record("router_experts", experts)
     sites.record("router_weights", weights)
     run = DISPATCHES[dispatch or choose_dispatch(config, b * s)]

@@ -56,7 +56,8 @@ from flax import struct
 
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
-from mtijax.generate import STOP_CHECK_EVERY, Sampling, bucketed, check_token_ids, pad_prompts, sample, stop_tokens
+from mtijax.engine.loop import STOP_CHECK_EVERY
+from mtijax.generate import Sampling, check_token_ids, pad_prompts, sample, stop_tokens
 from mtijax.interventions import Patch, layer_mask
 from mtijax.models import cache as kv_cache
 from mtijax.models.decoder import Params, forward_hidden, unembed
@@ -64,6 +65,11 @@ from mtijax.patching.capture import Capture, capture, check_site
 from mtijax.patching.kv import POLICIES, replace_kv
 from mtijax.patching.positions import PositionRule, parse_positions, span_bounds
 from mtijax.patching.spec import MODES, check_span, patch_spec, site_shape, to_patch
+
+def bucketed(length: int) -> int:
+    """Temporary: the old loop's rounding to 16 (replaced by the engine's layout)."""
+    return -(-length // 16) * 16
+
 
 DECODE_SOURCES = ("last", "mean", "trajectory", "hook")
 FIRST_TOKEN = ("recompute", "refeed")
@@ -334,7 +340,7 @@ def generate_patched(config: ModelConfig, params: Params, target: Sequence[int],
 
     source_capture, source_end, source_cache = None, 0, None
     if needs_source:
-        s_tokens, s_positions, _ = pad_prompts([list(source)], config.pad_token_id)
+        s_tokens, s_positions, _ = pad_prompts([list(source)], config.pad_token_id, bucketed(len(source)))
         sites = sorted({p.site for p in plan.patches})
         source_capture = capture(config, params, s_tokens, s_positions, sites=sites)
         source_end, source_cache = s_tokens.shape[1], source_capture.cache

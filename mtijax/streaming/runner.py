@@ -33,7 +33,7 @@ import numpy as np
 
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
-from mtijax.generate import Generation, Sampling, check_token_ids, prepare, sample
+from mtijax.generate import Generation, Sampling, check_token_ids, pad_prompts, sample, stop_tokens
 from mtijax.models import cache as kv
 from mtijax.models.decoder import ForwardOutput, family
 from mtijax.streaming.cache import LRUCache
@@ -46,6 +46,16 @@ from mtijax.interventions import Sites
 from mtijax.streaming.store import Leaf, LayerStore, set_leaf, to_params_layout
 
 Tree = dict[str, Any]
+
+
+def prepare(config: ModelConfig, prompts, max_new_tokens: int, stop_ids):
+    """Temporary layout of the old streamed loop (replaced by the engine's)."""
+    if max_new_tokens < 1:
+        raise MtijaxError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_token_ids(config, [t for p in prompts for t in p])
+    width = -(-max(len(p) for p in prompts) // 16) * 16 if prompts and all(prompts) else 0
+    tokens, positions, lengths = pad_prompts(prompts, config.pad_token_id, width or None)
+    return tokens, positions, lengths, -(-(tokens.shape[1] + max_new_tokens) // 16) * 16, stop_tokens(config, stop_ids)
 
 
 def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -1,0 +1,67 @@
+"""The compile ladder: the few shapes every generation request is rounded to, so compiles are shared.
+
+A request's shapes are its batch, its prompt width and its cache length. Each is rounded to a short
+ladder, so a new prompt length or ``max_new_tokens`` reuses the compiled prefill and decode step:
+
+- **prefill** runs in chunks of ``chunk`` tokens (one compiled chunk serves every prompt length);
+- **cache** lengths are powers of two from ``min_cache`` up (capped at the model's context), so
+  every request that fits a rung shares its compiles;
+- **batch** sizes are powers of two (padding rows are generated and thrown away).
+
+``Ladder(max_context=N)`` pins one cache rung up front: every request that fits ``N`` slots then
+shares one prefill and one decode compile, at the cost of decode attention over ``N`` slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from mtijax.errors import MtijaxError
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Ladder:
+    """The rungs: prefill ``chunk`` tokens, cache lengths (powers of two from ``min_cache``, or the one
+    ``max_context``), batch buckets (powers of two)."""
+
+    chunk: int = 64
+    min_cache: int = 256
+    max_context: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.min_cache < 1:
+            raise MtijaxError(f"prefill chunk and cache rungs must be >= 1, got {self.chunk} and {self.min_cache}")
+
+    def prefill_width(self, longest_prefill: int) -> int:
+        """Slots the prefill region takes: the longest prefill (tokens before each row's last prompt token)
+        rounded up to whole chunks (0 when every prompt is one token)."""
+        return -(-longest_prefill // self.chunk) * self.chunk
+
+    def cache_length(self, needed: int, context: int | None) -> int:
+        """The rung holding ``needed`` slots; refuses past the model's ``context`` (None: no limit)."""
+        if self.max_context is not None:
+            if needed > self.max_context:
+                raise MtijaxError(f"this request needs {needed} cache slots, more than max_context "
+                                  f"{self.max_context}")
+            return self.max_context
+        rung = max(self.min_cache, _next_power_of_two(needed))
+        if context is not None:
+            rung = min(rung, max(context, needed))
+        return rung
+
+    @staticmethod
+    def batch_bucket(batch: int) -> int:
+        """Rows actually run for ``batch`` prompts: the next power of two."""
+        return _next_power_of_two(batch)
+
+
+def default_ladder() -> Ladder:
+    """The ladder for the default backend: 256-token prefill chunks on accelerators, 64 on the CPU (where a
+    chunk's padding costs real time)."""
+    return Ladder(chunk=64 if jax.default_backend() == "cpu" else 256)
