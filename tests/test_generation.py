@@ -15,7 +15,8 @@ import pytest
 from mtijax.api import Model, load
 from mtijax.config import Gemma3Config
 from mtijax.errors import MtijaxError
-from mtijax.generate import Sampling, _prefill_jit, _step_jit, generate, generate_stream, sample
+from mtijax.engine import loop
+from mtijax.generate import Sampling, generate, generate_stream, sample
 from mtijax.models.cache import init_cache
 from mtijax.models.decoder import forward, init_params
 from tests.conftest import random_prompts
@@ -114,19 +115,43 @@ def random_tiny_model() -> Model:
     return Model(config, init_params(config, jax.random.key(0), scale=0.3), None, "random")
 
 
-def test_decode_step_compiles_once():
-    """The decode step has one shape for every step, so it is traced and compiled once; the prefill compiles
-    once for all prompt lengths in one bucket of 16, and again for a longer prompt."""
+def clear_engine_caches() -> None:
+    for fn in (loop._chunk_jit, loop._start_jit, loop._step_jit):
+        fn.clear_cache()
+
+
+def test_new_prompt_lengths_and_max_new_tokens_trigger_no_compilation():
+    """After the first request, prompts of other lengths (one chunk or several) and other ``max_new_tokens``
+    reuse the compiled prefill chunk, start and decode step: compilations are counted, not timed."""
     m = random_tiny_model()  # a fresh config, so no other test has compiled these functions for it
-    _step_jit.clear_cache()
-    _prefill_jit.clear_cache()
-    for length in (5, 9, 16):
-        generate(m.config, m.params, random_prompts(8, [length]), 8, stop_ids=())
-    stream_tokens(m.config, m.params, random_prompts(7, [3]), 8, stop_ids=())
-    assert _step_jit._cache_size() == 1
-    assert _prefill_jit._cache_size() == 1
-    generate(m.config, m.params, random_prompts(8, [17]), 8, stop_ids=())
-    assert _prefill_jit._cache_size() == 2, "a longer prompt falls into the next bucket"
+    clear_engine_caches()
+    generate(m.config, m.params, random_prompts(8, [5]), 8, stop_ids=())
+    first = loop.compiled_counts()
+    assert first == {"prefill_chunk": 1, "start": 1, "decode_step": 1}
+    for length, new in ((1, 3), (9, 8), (16, 30), (65, 5), (150, 40)):
+        generate(m.config, m.params, random_prompts(length, [length]), new, stop_ids=())
+    stream_tokens(m.config, m.params, random_prompts(7, [3]), 12, stop_ids=())
+    assert loop.compiled_counts() == first
+
+
+def test_a_new_batch_bucket_or_cache_rung_compiles_once_more_and_then_is_shared():
+    """Batches round up to powers of two and cache lengths to the ladder's rungs: 3 prompts run in the
+    4-row bucket, and 2 more prompts of another length share it."""
+    m = random_tiny_model()
+    clear_engine_caches()
+    generate(m.config, m.params, random_prompts(1, [5, 7, 9]), 4, stop_ids=())
+    after_three = loop.compiled_counts()
+    generate(m.config, m.params, random_prompts(2, [4, 11, 2, 6]), 6, stop_ids=())
+    assert loop.compiled_counts() == after_three
+    generate(m.config, m.params, random_prompts(3, [300]), 4, stop_ids=())  # past the 256-slot rung
+    assert loop.compiled_counts()["decode_step"] == after_three["decode_step"] + 1
+
+
+def test_a_request_beyond_the_context_is_refused_before_any_work():
+    m = random_tiny_model()
+    limit = m.config.max_position_embeddings
+    with pytest.raises(MtijaxError, match=f"context of {limit} tokens"):
+        generate(m.config, m.params, random_prompts(4, [10]), limit)
 
 
 # --- sampling -------------------------------------------------------------------------------------------------------

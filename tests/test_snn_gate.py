@@ -1,5 +1,6 @@
-"""The spiking MoE gate (seed 003's ``olmoe.rs``) as OLMoE's router: its limit is the softmax router, its
-recurrence matches an independent NumPy loop, and plain params route exactly as before."""
+"""The spiking MoE gate (seed 003's ``olmoe.rs``) as OLMoE's router hook: its limit is the softmax router, its
+recurrence matches an independent NumPy loop, its membranes carry from one call to the next (so generation
+with the gate is the full spiking forward's argmax), and without the hook routing is exactly as before."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 
 import mtijax
 from mtijax.config import OlmoeConfig
+from mtijax.engine import Interventions
 from mtijax.models import olmoe
-from mtijax.snn.gate import SEED_GATE, SOFTMAX_LIMIT, gate_logits, with_spiking_gate
+from mtijax.snn.gate import SEED_GATE, SOFTMAX_LIMIT, gate_logits, spiking_gate
 
 CONFIG = OlmoeConfig(vocab_size=128, hidden_size=32, intermediate_size=16, num_layers=3, num_heads=4,
                      num_kv_heads=4, num_experts=8, num_experts_per_tok=2, eos_token_ids=(1,))
@@ -27,8 +29,8 @@ def params():
     return p
 
 
-def run(params, tokens):
-    return mtijax.forward(CONFIG, params, tokens, capture=ROUTING)
+def run(params, tokens, router=None):
+    return mtijax.forward(CONFIG, params, tokens, capture=ROUTING, router=router)
 
 
 def tokens(seed=0, batch=2, length=12):
@@ -37,7 +39,7 @@ def tokens(seed=0, batch=2, length=12):
 
 def test_threshold_at_infinity_and_no_memory_is_the_softmax_router(params):
     plain = run(params, tokens())
-    limit = run(with_spiking_gate(CONFIG, params, **SOFTMAX_LIMIT), tokens())
+    limit = run(params, tokens(), spiking_gate(CONFIG, **SOFTMAX_LIMIT))
     np.testing.assert_array_equal(np.asarray(limit.captured["router_experts"]),
                                   np.asarray(plain.captured["router_experts"]))
     np.testing.assert_array_equal(np.asarray(limit.captured["router_weights"]),
@@ -45,13 +47,12 @@ def test_threshold_at_infinity_and_no_memory_is_the_softmax_router(params):
     np.testing.assert_array_equal(np.asarray(limit.logits), np.asarray(plain.logits))
 
 
-def test_plain_params_route_as_the_softmax_router(params):
-    """Without a ``spiking`` sub-dict the router is the plain top-k of the softmax (checked from the logits)."""
+def test_without_a_hook_the_router_is_the_softmax_top_k(params):
+    """Without a router hook the router is the plain top-k of the softmax (checked from the logits)."""
     out = run(params, tokens(1))
     probs = jax.nn.softmax(out.captured["router_logits"], axis=-1)
     want = np.argsort(-np.asarray(probs), axis=-1, kind="stable")[..., :2]
     np.testing.assert_array_equal(np.asarray(out.captured["router_experts"]), want)
-    assert "spiking" not in params["layers"]["moe"]
 
 
 def numpy_gate(logits: np.ndarray, decay: float, gain: float, threshold: float) -> np.ndarray:
@@ -78,26 +79,56 @@ def test_gate_recurrence_against_numpy():
 
 def test_gate_on_one_layer_leaves_the_layers_before_it_alone(params):
     plain = run(params, tokens(3))
-    gated = run(with_spiking_gate(CONFIG, params, layers=[1]), tokens(3))
+    gated = run(params, tokens(3), spiking_gate(CONFIG, layers=[1]))
     experts, plain_experts = (np.asarray(o.captured["router_experts"]) for o in (gated, plain))
     np.testing.assert_array_equal(experts[0], plain_experts[0])
     assert (experts[1] != plain_experts[1]).any(), "the seed's gate must change some routing"
     # layer 1 routes on the gate's membranes over its own (unchanged) router logits
-    want = np.asarray(olmoe.route(CONFIG, gated.captured["router_logits"][1], SEED_GATE)[0])
+    want = np.asarray(olmoe.route(CONFIG, gate_logits(gated.captured["router_logits"][1], SEED_GATE))[0])
     np.testing.assert_array_equal(experts[1], want)
 
 
-def test_gate_params_are_data_and_weights_are_shared(params):
-    gated = with_spiking_gate(CONFIG, params, threshold=2.0, layers=[0, 2])
-    spiking = gated["layers"]["moe"]["spiking"]
-    np.testing.assert_array_equal(np.asarray(spiking["threshold"]), [2.0, np.inf, 2.0])
-    np.testing.assert_array_equal(np.asarray(spiking["decay"]), np.float32([0.91, 0.0, 0.91]))
-    assert gated["layers"]["moe"]["router"] is params["layers"]["moe"]["router"]
-    assert "spiking" not in params["layers"]["moe"], "the input params must not change"
+def test_gate_constants_are_data_beside_the_params():
+    gate = spiking_gate(CONFIG, threshold=2.0, layers=[0, 2])
+    np.testing.assert_array_equal(np.asarray(gate.params["threshold"]), [2.0, np.inf, 2.0])
+    np.testing.assert_array_equal(np.asarray(gate.params["decay"]), np.float32([0.91, 0.0, 0.91]))
+    assert gate.state is None, "membranes are made for the batch at the first call"
+    assert spiking_gate(CONFIG, threshold=3.0).replace(params=None) == gate.replace(params=None), \
+        "gates that differ only in their constants share one compiled program"
+
+
+def test_membranes_carry_from_one_call_to_the_next(params):
+    """A prefix, then the rest from the prefix's membranes and cache, routes and predicts as one call."""
+    t = tokens(4, length=11)
+    gate = spiking_gate(CONFIG)
+    whole = run(params, t, gate)
+    cache = mtijax.init_cache(CONFIG.num_layers, 2, 16, CONFIG.num_kv_heads, CONFIG.head_dim)
+    first = mtijax.forward(CONFIG, params, t[:, :6], cache=cache, router=gate, capture=ROUTING)
+    rest = mtijax.forward(CONFIG, params, t[:, 6:], jnp.broadcast_to(jnp.arange(6, 11), (2, 5)), cache=first.cache,
+                          write_index=6, router=gate.replace(state=first.router_state), capture=ROUTING)
+    np.testing.assert_array_equal(np.asarray(rest.captured["router_experts"]),
+                                  np.asarray(whole.captured["router_experts"][:, :, 6:]))
+    np.testing.assert_allclose(np.asarray(rest.logits), np.asarray(whole.logits[:, 6:]), atol=1e-5)
+    restarted = mtijax.forward(CONFIG, params, t[:, 6:], jnp.broadcast_to(jnp.arange(6, 11), (2, 5)),
+                               cache=first.cache, write_index=6, router=gate, capture=ROUTING)
+    assert (np.asarray(restarted.captured["router_experts"]) != np.asarray(rest.captured["router_experts"])).any(), \
+        "restarting the membranes must change the routing (or this test cannot fail)"
+
+
+def test_greedy_generation_with_the_gate_is_the_argmax_of_the_full_spiking_forward():
+    params = mtijax.init_params(CONFIG, jax.random.key(0), scale=1.0)  # experts strong enough to steer tokens
+    prompt = np.random.default_rng(5).integers(2, CONFIG.vocab_size, size=7).tolist()
+    gate = spiking_gate(CONFIG)
+    gen = mtijax.generate(CONFIG, params, [prompt], 10, stop_ids=(), interventions=Interventions(router=gate))
+    text = prompt + gen.ids(0)
+    full = run(params, jnp.asarray([text[:-1]], jnp.int32), gate)
+    np.testing.assert_array_equal(np.argmax(np.asarray(full.logits[0, len(prompt) - 1:]), axis=-1), gen.ids(0))
+    plain = mtijax.generate(CONFIG, params, [prompt], 10, stop_ids=())
+    assert plain.ids(0) != gen.ids(0), "the gate must change the continuation (or this test cannot fail)"
 
 
 def test_gate_errors():
     with pytest.raises(mtijax.MtijaxError, match="has none"):
-        with_spiking_gate(mtijax.preset("gemma3-270m"), {})
+        spiking_gate(mtijax.preset("gemma3-270m"))
     with pytest.raises(mtijax.MtijaxError, match="layer 5 is out of range"):
-        with_spiking_gate(CONFIG, {"layers": {"moe": {}}}, layers=[5])
+        spiking_gate(CONFIG, layers=[5])
