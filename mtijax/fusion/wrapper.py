@@ -24,6 +24,7 @@ from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
 from mtijax.fusion.config import FusionConfig, check_against_model
 from mtijax.fusion.layer import FusionLayer, LayerCarry
+from mtijax.interventions import Patch, RouterHook
 from mtijax.models.cache import KVCache
 from mtijax.models.decoder import forward_hidden, unembed
 
@@ -42,6 +43,8 @@ class FusedOutput(NamedTuple):
         ``mtijax.fusion.layer.METRICS``.
       carry: fused layer -> :class:`LayerCarry` after this call (pass it to the next incremental call).
       memory: the memory collection after this call (changed only with ``store_memory``).
+      captured: site name -> ``[L, B, S, ...]`` for each captured site (``capture``).
+      router_state: the router hook's state after this call (``router``), or None.
     """
 
     logits: jax.Array
@@ -49,6 +52,8 @@ class FusedOutput(NamedTuple):
     metrics: dict[int, dict[str, jax.Array]]
     carry: Carry
     memory: dict[str, Any]
+    captured: dict[str, jax.Array] = {}
+    router_state: Any = None
 
 
 def init_fusion(fusion: FusionConfig, config: ModelConfig, key: jax.Array) -> Variables:
@@ -102,7 +107,8 @@ def empty_carry(fusion: FusionConfig, batch: int) -> Carry:
 def fused_hidden(config: ModelConfig, params: Mapping[str, Any], fusion: FusionConfig, variables: Variables,
                  tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None,
                  write_index: jax.Array | int = 0, carry: Carry | None = None, store_memory: bool = False,
-                 unroll: int | bool = 1) -> FusedOutput:
+                 patches: Mapping[str, Patch] | None = None, capture: tuple[str, ...] = (),
+                 router: RouterHook | None = None, unroll: int | bool = 1) -> FusedOutput:
     """:func:`fused_forward` without the output head (``logits`` holds the last residual stream)."""
     check_against_model(fusion, config)
     b, s = tokens.shape
@@ -129,18 +135,21 @@ def fused_hidden(config: ModelConfig, params: Mapping[str, Any], fusion: FusionC
             return out
         return transform
 
-    x, cache, _ = forward_hidden(config, params, tokens, positions, cache=cache, write_index=write_index,
-                                 transforms={p: graft(p) for p in fusion.positions}, unroll=unroll)
+    out = forward_hidden(config, params, tokens, positions, cache=cache, write_index=write_index,
+                         transforms={p: graft(p) for p in fusion.positions}, patches=patches, capture=capture,
+                         router=router, unroll=unroll)
     metrics = {p: records[p][0] for p in fusion.positions}
     new_carry = {p: records[p][1] for p in fusion.positions}
     memory = {"layers": {str(p): records[p][2] for p in fusion.positions if records[p][2] is not None}}
-    return FusedOutput(x, cache, metrics, new_carry, memory if memory["layers"] else {})
+    return FusedOutput(out.hidden, out.cache, metrics, new_carry, memory if memory["layers"] else {}, out.captured,
+                       out.router_state)
 
 
 def fused_forward(config: ModelConfig, params: Mapping[str, Any], fusion: FusionConfig, variables: Variables,
                   tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None,
                   write_index: jax.Array | int = 0, carry: Carry | None = None, store_memory: bool = False,
-                  unroll: int | bool = 1) -> FusedOutput:
+                  patches: Mapping[str, Patch] | None = None, capture: tuple[str, ...] = (),
+                  router: RouterHook | None = None, unroll: int | bool = 1) -> FusedOutput:
     """The base model with fusion layers after the blocks ``fusion.positions``: pure, ``jax.jit`` it with
     ``config`` and ``fusion`` static.
 
@@ -149,9 +158,12 @@ def fused_forward(config: ModelConfig, params: Mapping[str, Any], fusion: Fusion
       tokens, positions, cache, write_index: as ``mtijax.forward``.
       carry: the carry returned by the previous incremental call (None: no earlier tokens).
       store_memory: write the SMF banks (training steps only).
+      patches, capture, router: as ``mtijax.forward`` (activation patches and captures at the base model's
+        sites, a router hook), composed with the fusion layers in the same forward.
     """
     out = fused_hidden(config, params, fusion, variables, tokens, positions, cache=cache, write_index=write_index,
-                       carry=carry, store_memory=store_memory, unroll=unroll)
+                       carry=carry, store_memory=store_memory, patches=patches, capture=capture, router=router,
+                       unroll=unroll)
     return out._replace(logits=unembed(config, params, out.logits))
 
 
