@@ -158,7 +158,7 @@ def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Par
     emit = choice.emit & ~state.done & ~halt
     token = jnp.where(emit, choice.token, config.pad_token_id).astype(jnp.int32)
     done = state.done | halt | (emit & jnp.isin(token, stops))
-    trace = {site: captured[site][jnp.asarray(layers)] for site, layers in interventions.trace}
+    trace = {site: captured[site][jnp.asarray(layers), :, -1] for site, layers in interventions.trace}
     carry = {layer: outputs[layer][0] for layer in state.carry}
     new = State(cache, token, state.position + 1, state.slot + 1, done, state.count + emit.astype(jnp.int32),
                 state.step + 1, split[:, 0], choice.state, carry, router_state)
