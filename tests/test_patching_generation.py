@@ -7,13 +7,18 @@ the last layer's residual stream must do (its logits *are* the source's).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mtijax.api import load
+from mtijax.engine import Interventions
 from mtijax.errors import MtijaxError
+from mtijax.fusion import COMPONENTS, FusionConfig, FusionLayer, LayerCarry, init_fusion
+from mtijax.fusion.decode import grafts
 from mtijax.generate import Sampling, generate
+from mtijax.interventions import Patch
 from mtijax.models.decoder import forward, unembed
 from mtijax.patching import KVPatch, Plan, SitePatch, capture, generate_patched
 from tests.conftest import random_prompts
@@ -147,6 +152,41 @@ def test_rows_are_seeded_runs_and_a_sweep_is_a_batch_of_single_runs(model, promp
     np.testing.assert_allclose(swept.first_logits[0], rows.first_logits, atol=1e-5, rtol=0)
     assert swept.ids(0, 1) == rows.ids(1)
     assert np.abs(swept.first_logits[1] - rows.first_logits).max() > 1e-4, "another layer, another run"
+
+
+def test_extra_interventions_compose_with_the_plan_a_fusion_graft(model, prompts):
+    """With a fusion layer grafted after block 1 (``mtijax.fusion.decode.grafts``), the source is captured under
+    the graft too, and every decode step of the target (``refeed``: call 0 is one) blends the last layer's
+    output half-way with the source's: exactly what a cache-free forward of the grafted model over the whole
+    sequence with that blend gives."""
+    target, source, _ = prompts
+    c = model.config
+    fusion = FusionConfig(positions=(1,), components=COMPONENTS, mode="residual", alpha=0.5, gate_threshold=-2.0,
+                          max_positions=64, smf_slots=8)
+    variables = init_fusion(fusion, c, jax.random.key(0))
+    last = c.num_layers - 1
+    plan = Plan((SitePatch("resid_post", (last,), decode="last", mode="interpolate", coef=0.5),),
+                first_token="refeed")
+    gen = generate_patched(c, model.params, target, source, plan, max_new_tokens=N, stop_ids=(),
+                           interventions=Interventions(grafts=grafts(fusion, variables)))
+
+    collections = {"params": variables["params"]["layers"]["1"], "memory": variables["memory"]["layers"]["1"]}
+    graft = {1: lambda h, positions: FusionLayer(fusion).apply(collections, h, positions,
+                                                              LayerCarry.empty(fusion, 1))[0]}
+    sequence, n = target + target[-1:] + gen.ids(0)[:-1], len(target)
+    blend = np.zeros((c.num_layers, 1, len(sequence)), np.float32)
+    blend[last, 0, n:] = 0.5
+
+    def reference(transforms):
+        value = forward(c, model.params, jnp.asarray([source]), transforms=transforms,
+                        capture=("resid_post",)).captured["resid_post"][:, :, -1:]
+        return forward(c, model.params, jnp.asarray([sequence]), transforms=transforms,
+                       patches={"resid_post": Patch(value, jnp.asarray(blend))}).logits[0, n:]
+
+    fused = reference(graft)
+    np.testing.assert_allclose(gen.first_logits, fused[0], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(gen.tokens[0], np.argmax(fused, -1))
+    assert np.abs(gen.first_logits - reference({})[0]).max() > 1e-2, "the graft must matter"
 
 
 def test_bad_plans_are_clear_errors(model, prompts):

@@ -14,6 +14,11 @@ They are compiled once per model, params layout, batch bucket, cache rung and in
 (:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. Steps
 are dispatched from Python; a source of params that is not resident (``mtijax.streaming``) provides its
 own ``step`` over the same pieces.
+
+A *sweep* (``run(..., sweep_axes=...)``) runs ``K`` variants of the interventions at once: the three
+functions are ``jax.vmap``-ed over the intervention leaves that ``sweep_axes`` marks, so ``K`` layer masks
+(say) share one compiled prefill and decode step, and every state and record array gets a leading ``K``
+axis.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from mtijax.engine.compilation_cache import enable_compilation_cache
 from mtijax.engine.interventions import Interventions, chunk_patches, pad_batch
 from mtijax.engine.request import Request
 from mtijax.engine.sampling import Policy
+from mtijax.errors import MtijaxError
 from mtijax.interventions import Patch, RouterHook
 from mtijax.models import cache as kv
 from mtijax.models.decoder import Params, forward_hidden, unembed
@@ -152,7 +158,7 @@ def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Par
     emit = choice.emit & ~state.done & ~halt
     token = jnp.where(emit, choice.token, config.pad_token_id).astype(jnp.int32)
     done = state.done | halt | (emit & jnp.isin(token, stops))
-    trace = {site: captured[site][jnp.asarray(layers)] for site, layers in interventions.trace}
+    trace = {site: captured[site][jnp.asarray(layers), :, -1] for site, layers in interventions.trace}
     carry = {layer: outputs[layer][0] for layer in state.carry}
     new = State(cache, token, state.position + 1, state.slot + 1, done, state.count + emit.astype(jnp.int32),
                 state.step + 1, split[:, 0], choice.state, carry, router_state)
@@ -175,6 +181,49 @@ def compiled_counts() -> dict[str, int]:
             "decode_step": _step_jit._cache_size()}
 
 
+def _sweep_size(sweep_axes: Any, interventions: Interventions) -> int:
+    """``K``, the length of the swept axis of every leaf that ``sweep_axes`` (a pytree prefix of
+    ``interventions`` with leaves ``0`` or ``None``) marks; raises unless they agree and there is one."""
+    sizes: set[int] = set()
+
+    def visit(axis: int | None, subtree: Any) -> None:
+        if axis is not None:
+            sizes.update(int(jnp.shape(leaf)[axis]) for leaf in jax.tree.leaves(subtree))
+
+    jax.tree.map(visit, sweep_axes, interventions, is_leaf=lambda x: x is None)
+    if len(sizes) != 1:
+        raise MtijaxError("a sweep needs swept intervention leaves of one common length; got "
+                          f"{sorted(sizes) or 'none'}")
+    return sizes.pop()
+
+
+@functools.lru_cache(maxsize=None)
+def _swept_jits(axes_def: Any, axes_leaves: tuple, batch: int, rows: int) -> tuple[Callable, Callable, Callable]:
+    """The prefill chunk, start and decode step vmapped over the swept interventions (and everything that
+    depends on them: cache, carries, router state, decode state), jitted; the per-prompt axes of the
+    interventions are padded to the bucket inside the vmap, where each variant has its unswept shapes."""
+    axes = jax.tree.unflatten(axes_def, axes_leaves)
+
+    def chunk(config, layout, params, cache, carry, router_state, tokens, positions, begin, interventions):
+        return jax.vmap(lambda c, ca, r, i: prefill_chunk(config, layout, params, c, ca, r, tokens, positions, begin,
+                                                          pad_batch(i, batch, rows)),
+                        in_axes=(0, 0, 0, axes))(cache, carry, router_state, interventions)
+
+    def begin_decode(config, cache, carry, router_state, policy_state, first_token, first_position, lengths, width,
+                     keys, interventions):
+        return jax.vmap(lambda c, ca, r, i: start(config, c, ca, r, policy_state, first_token, first_position,
+                                                  lengths, width, keys, pad_batch(i, batch, rows)),
+                        in_axes=(0, 0, 0, axes))(cache, carry, router_state, interventions)
+
+    def step(config, layout, policy, record_logits, params, state, interventions, stops, suppress):
+        return jax.vmap(lambda st, i: decode_step(config, layout, policy, record_logits, params, st,
+                                                  pad_batch(i, batch, rows), stops, suppress),
+                        in_axes=(0, axes))(state, interventions)
+
+    return (jax.jit(chunk, static_argnums=(0, 1), donate_argnums=(3,)), jax.jit(begin_decode, static_argnums=(0,)),
+            jax.jit(step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,)))
+
+
 def _initial(interventions: Interventions, rows: int) -> tuple[dict[int, Any], Any]:
     carry = {layer: graft.module.init_carry(rows) for layer, graft in interventions.grafts.items()}
     hook = interventions.router
@@ -185,40 +234,56 @@ def _initial(interventions: Interventions, rows: int) -> tuple[dict[int, Any], A
 def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy,
         interventions: Interventions = Interventions(), keys: jax.Array | None = None,
         suppress: np.ndarray | None = None, record_logits: bool = False,
-        layout: str = "params") -> Iterator[tuple[State, Record]]:
+        layout: str = "params", sweep_axes: Any = None) -> Iterator[tuple[State, Record]]:
     """Prefill ``request``, then yield ``(state, record)`` after every decode call (device arrays, not
     synchronised), ``request.max_new_tokens`` times at most; the caller stops iterating when it likes.
 
     ``keys``: ``[rows]`` per-row PRNG keys (default :func:`row_keys` of seed 0). ``layout``: the params layout
     of ``params`` (``"fused_qkv"`` for :func:`~mtijax.models.fused.fuse_qkv` params).
+
+    ``sweep_axes``: run a sweep (see the module docstring). A pytree prefix of ``interventions`` whose leaves
+    are ``0`` (this subtree's leaves carry the ``K`` variants on their leading axis) or ``None`` (shared), e.g.
+    ``jax.tree.map(lambda _: None, interventions)`` with one patch's mask set to ``0``. Params, the request,
+    ``keys``, the policy and ``suppress`` are shared by the variants; every array of the yielded states and
+    records has a leading ``K`` axis (``done [K, rows]``, ...).
     """
     enable_compilation_cache()
     rows = request.rows
-    interventions = pad_batch(interventions, request.batch, rows)
+    chunk_fn, start_fn, step_fn = _chunk_jit, _start_jit, _step_jit
     cache = kv.init_cache(config.num_layers, rows, request.cache_length, config.num_kv_heads, config.head_dim,
                           params["embed"].dtype)
-    carry, router_state = _initial(interventions, rows)
+    if sweep_axes is None:
+        interventions = pad_batch(interventions, request.batch, rows)
+        carry, router_state = _initial(interventions, rows)
+    else:
+        size = _sweep_size(sweep_axes, interventions)
+        leaves, treedef = jax.tree.flatten(sweep_axes, is_leaf=lambda x: x is None)
+        chunk_fn, start_fn, step_fn = _swept_jits(treedef, tuple(leaves), request.batch, rows)
+        cache = jax.tree.map(lambda x: jnp.repeat(x[None], size, axis=0), cache)
+        carry, router_state = jax.vmap(lambda i: _initial(i, rows), in_axes=(sweep_axes,), axis_size=size)(
+            interventions)
     tokens, positions = jnp.asarray(request.tokens), jnp.asarray(request.positions)
     for begin in range(0, request.width, request.chunk):
-        cache, carry, router_state = _chunk_jit(
+        cache, carry, router_state = chunk_fn(
             config, layout, params, cache, carry, router_state, tokens[:, begin:begin + request.chunk],
             positions[:, begin:begin + request.chunk], jnp.int32(begin), interventions)
     keys = row_keys(0, rows) if keys is None else keys
-    state = _start_jit(config, cache, carry, router_state, policy.start(rows), jnp.asarray(request.first_token),
-                       jnp.asarray(request.first_position), jnp.asarray(request.lengths), jnp.int32(request.width),
-                       keys, interventions)
+    state = start_fn(config, cache, carry, router_state, policy.start(rows), jnp.asarray(request.first_token),
+                     jnp.asarray(request.first_position), jnp.asarray(request.lengths), jnp.int32(request.width),
+                     keys, interventions)
     stops = jnp.asarray(request.stops)
     suppress = None if suppress is None or not suppress.any() else jnp.asarray(suppress)
     for _ in range(request.max_new_tokens):
-        state, record = _step_jit(config, layout, policy, record_logits, params, state, interventions, stops,
-                                  suppress)
+        state, record = step_fn(config, layout, policy, record_logits, params, state, interventions, stops,
+                                suppress)
         yield state, record
 
 
 class Collected(NamedTuple):
     """A whole run on the host: ``tokens [B, N]`` (pad after a row stopped), ``lengths [B]`` (emitted, stop token
     included), ``stopped [B]`` (ended with a stop token), ``halted [B]`` (stopped by the policy), ``records``
-    (every call's :class:`Record`, real rows only, as numpy)."""
+    (every call's :class:`Record`, real rows only, as numpy). A sweep's arrays have the leading ``K`` axis:
+    ``tokens [K, B, N]``, ``lengths [K, B]``, ...; so do its records."""
 
     tokens: np.ndarray
     lengths: np.ndarray
@@ -227,33 +292,41 @@ class Collected(NamedTuple):
     records: list[Record]
 
 
-def _on_host(record: Record, batch: int) -> Record:
-    """``record`` as numpy, real rows only."""
-    def cut(a: jax.Array) -> np.ndarray:
-        return np.asarray(a)[:batch]
+def _real_rows(a: jax.Array, batch: int, axis: int) -> np.ndarray:
+    """``a`` as numpy, with only the first ``batch`` entries (the real rows) of axis ``axis``."""
+    return np.asarray(a)[(slice(None),) * axis + (slice(0, batch),)]
+
+
+def _on_host(record: Record, batch: int, lead: int) -> Record:
+    """``record`` as numpy, real rows only (the row axis follows ``lead`` sweep axes; traces have their layer
+    axis before it)."""
+    def cut(a: jax.Array, axis: int = lead) -> np.ndarray:
+        return _real_rows(a, batch, axis)
 
     return Record(cut(record.token), cut(record.emit), cut(record.done), cut(record.halt),
                   {name: cut(v) for name, v in record.readings.items()},
-                  {site: np.asarray(v)[:, :batch] for site, v in record.trace.items()},
+                  {site: cut(v, lead + 1) for site, v in record.trace.items()},
                   None if record.logits is None else cut(record.logits))
 
 
 def collect(steps: Iterator[tuple[State, Record]], request: Request, pad_id: int,
             check_every: int = STOP_CHECK_EVERY) -> Collected:
     """Run ``steps`` to the end, looking every ``check_every`` calls whether all rows are done (so steps are
-    dispatched without waiting in between), and gather the records on the host."""
+    dispatched without waiting in between), and gather the records on the host. Takes the steps of a sweep
+    too (``run(..., sweep_axes=...)``): then every array has the leading ``K`` axis."""
     records, state = [], None
     for index, (state, record) in enumerate(steps):
         records.append(record)
         if (index + 1) % check_every == 0 and bool(np.asarray(state.done).all()):
             break
-    batch = request.batch
-    host = [_on_host(r, batch) for r in records]
-    tokens = np.full((batch, request.max_new_tokens), pad_id, np.int32)
-    tokens[:, :len(host)] = np.stack([r.token for r in host], axis=1)
+    batch, lead = request.batch, np.ndim(state.done) - 1
+    host = [_on_host(r, batch, lead) for r in records]
+    rows = host[0].token.shape
+    tokens = np.full((*rows, request.max_new_tokens), pad_id, np.int32)
+    tokens[..., :len(host)] = np.stack([r.token for r in host], axis=-1)
     halted = np.any(np.stack([r.halt for r in host]), axis=0)
-    lengths = np.asarray(state.count)[:batch]
-    return Collected(tokens, lengths, np.asarray(state.done)[:batch] & ~halted, halted, host)
+    done = _real_rows(state.done, batch, lead)
+    return Collected(tokens, _real_rows(state.count, batch, lead), done & ~halted, halted, host)
 
 
 def stream(steps: Iterator[tuple[State, Record]], request: Request) -> Iterator[tuple[State, Record]]:

@@ -27,6 +27,7 @@ import numpy as np
 from flax import struct
 
 from mtijax.config import ModelConfig
+from mtijax.engine.interventions import Graft, Interventions
 from mtijax.errors import MtijaxError
 from mtijax.generate import check_token_ids
 from mtijax.interventions import ROUTING
@@ -96,17 +97,25 @@ def keep_slots(positions: np.ndarray, rule) -> np.ndarray:
     return np.stack([np.arange(lo, lo + count) + width - n for (lo, _), n in zip(bounds, lengths)]).astype(np.int32)
 
 
+def _graft_transform(graft: Graft, batch: int):
+    """``graft`` as a residual transform of one whole call, from its initial carry."""
+    return lambda h, positions: graft.module(graft.variables, h, positions, graft.module.init_carry(batch))[0]
+
+
 @partial(jax.jit, static_argnames=("config", "sites", "layers"))
-def _capture(config, params, tokens, positions, slots, sites, layers):
+def _capture(config, params, tokens, positions, slots, sites, layers, interventions):
+    transforms = {layer: _graft_transform(graft, tokens.shape[0]) for layer, graft in interventions.grafts.items()}
     out = forward(config, params, tokens, positions, keep_kv=True, capture=sites, capture_layers=layers,
-                  capture_slots=slots)
+                  capture_slots=slots, patches=interventions.patches, transforms=transforms,
+                  router=None if interventions.router is None else interventions.router.replace(state=None))
     logits = out.logits if slots is None else jax.vmap(lambda row, index: row[index])(out.logits, slots)
     kept = positions if slots is None else jax.vmap(lambda row, index: row[index])(positions, slots)
     return out.captured, logits, kept, out.cache
 
 
 def capture(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
-            sites: Sequence[str] | None = None, layers: Sequence[int] | None = None, keep=None) -> Capture:
+            sites: Sequence[str] | None = None, layers: Sequence[int] | None = None, keep=None,
+            interventions: Interventions | None = None) -> Capture:
     """Run ``tokens [B, S]`` (left-padded, ``positions`` -1 on padding; default ``0..S-1``) and capture it.
 
     Args:
@@ -114,6 +123,10 @@ def capture(config: ModelConfig, params: Params, tokens: jax.Array, positions: j
       layers: layers to keep (default: all).
       keep: a position rule (``"last"``, ``("last", 16)``, ``(start, stop)``; see ``mtijax.patching.spec``) for
         the token positions to keep, per row (default: all slots).
+      interventions: capture the run of the model these change: their static ``patches``, ``grafts`` (each
+        from its initial carry) and ``router`` hook (from its initial state) act on the call;
+        the fields that only mean something during generation (prompt and step patches, a cache edit, a
+        trace) must be empty.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
@@ -127,6 +140,11 @@ def capture(config: ModelConfig, params: Params, tokens: jax.Array, positions: j
         check_site(config, site)
     layers = tuple(range(config.num_layers)) if layers is None else tuple(sorted(set(int(l) for l in layers)))
     slots = None if keep is None else jnp.asarray(keep_slots(np.asarray(positions), keep))
+    interventions = Interventions() if interventions is None else interventions
+    if interventions.prompt_patches or interventions.step_patches or interventions.cache_edit or interventions.trace:
+        raise MtijaxError("a capture takes static patches, grafts and a router hook only: prompt patches, step "
+                          "patches, a cache edit and a trace are for generation")
     captured, logits, kept, cache = _capture(config, params, tokens, positions, slots, tuple(sorted(sites)),
-                                             None if layers == tuple(range(config.num_layers)) else layers)
+                                             None if layers == tuple(range(config.num_layers)) else layers,
+                                             interventions)
     return Capture(logits, captured, kept, cache, layers)

@@ -1,17 +1,19 @@
-"""Generation with KV-cache patching and persistent patches applied at every decode step.
+"""Generation with KV-cache patching and persistent patches applied at every decode step: a front-end of the
+generation engine (``mtijax.engine``).
 
 One target prompt is generated in ``R`` rows, one per seed (row ``r`` samples
-with its own key ``seeds[r]``, so a run is reproducible whatever else is in the
+with its own key ``key(seeds[r])``, so a run is reproducible whatever else is in the
 batch). A :class:`Plan` says what is patched from the source (champion) prompt:
 
 * ``kv``: after the target's prompt is processed, its cache is patched with
   the source's (:func:`mtijax.patching.kv.replace_kv`: ``whole`` or the
-  original's ``last_min``, all or chosen layers).
+  original's ``last_min``, all or chosen layers): the engine's ``CacheEdit``.
 * ``patches``: one :class:`SitePatch` per site, acting at two kinds of calls:
 
   - the prompt (``prompt``: a position rule; source values end-aligned, so the
-    target's last prompt token gets the source's last prompt token's value);
-  - every decode step (``decode``), the value chosen from
+    target's last prompt token gets the source's last prompt token's value):
+    the engine's ``prompt_patches`` on the prefill slots;
+  - every decode step (``decode``; the engine's ``step_patches``), the value chosen from
     ``last`` (the source's activation at its last prompt token),
     ``mean`` (its mean over the source prompt),
     ``trajectory`` (the source's own generation, run first with the same
@@ -22,15 +24,20 @@ batch). A :class:`Plan` says what is patched from the source (champion) prompt:
     decode step has one, so with ``window > 1`` they never fire (as the
     original ran). ``None`` leaves decode steps alone.
 
+The source's values and cache come from a capture of the source prompt (laid out in whole prefill chunks)
+under the same extra ``interventions`` as the target (their static patches, grafts and router hook), so
+both runs are of one model.
+
 How the first new token comes (``first_token``):
 
 ``recompute`` (default)
-    The target's last prompt token is processed again, alone, at its own
-    position and slot, attending to the (patched) cache; its logits give the
-    first token. Without patches this is exactly plain generation; with a
-    whole-cache replacement by a same-length source ending in the same token,
-    it is exactly the source's generation (tested). This call is a *prompt*
-    call: the prompt rule applies to it.
+    The engine's own flow: the prefill holds the target's prompt but its last token, and call 0 feeds that
+    token at its own position (after a ``whole`` replacement: the source's last position), attending to
+    the (patched) cache; its logits give the first token. The KV replacement covers call 0's slot as the
+    prompt's last, and the source's entry put there is dropped (call 0 writes its own). Without patches
+    this is exactly plain generation; with a whole-cache replacement by a source ending in the same
+    token, it is exactly the source's generation (tested). Call 0 is a *prompt* call: the prompt rule
+    applies to it.
 ``refeed`` (the original's)
     The original fed ``generated_ids[:, -1:]`` after replacing the cache, so the
     last prompt token is fed a second time, at the next position
@@ -40,36 +47,33 @@ How the first new token comes (``first_token``):
 Calls are numbered ``t = 0 .. N-1``; call ``t`` samples token ``t``. The
 layer masks of the patches and of the KV replacement are data: pass ``sweep``
 to run a batch of ``K`` mask sets through ``jax.vmap`` in one compiled
-prefill and step (rows become ``[K, R]``).
+prefill and step (the engine's ``sweep_axes``; rows become ``[K, R]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache, partial
-from typing import Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from mtijax.config import ModelConfig
+from mtijax.engine import loop
+from mtijax.engine.interventions import CacheEdit, Interventions, StepPatch, check
+from mtijax.engine.ladder import Ladder, default_ladder
+from mtijax.engine.request import check_token_ids, lay_out, pad_prompts
+from mtijax.engine.sampling import Plain, Sampling
 from mtijax.errors import MtijaxError
-from mtijax.engine.loop import STOP_CHECK_EVERY
-from mtijax.generate import Sampling, check_token_ids, pad_prompts, sample, stop_tokens
 from mtijax.interventions import Patch, layer_mask
 from mtijax.models import cache as kv_cache
-from mtijax.models.decoder import Params, forward_hidden, unembed
+from mtijax.models.decoder import Params
+from mtijax.models.fused import LAYOUT as FUSED, fuse_qkv
 from mtijax.patching.capture import Capture, capture, check_site
 from mtijax.patching.kv import POLICIES, replace_kv
 from mtijax.patching.positions import PositionRule, parse_positions, span_bounds
-from mtijax.patching.spec import MODES, check_span, patch_spec, site_shape, to_patch
-
-def bucketed(length: int) -> int:
-    """Temporary: the old loop's rounding to 16 (replaced by the engine's layout)."""
-    return -(-length // 16) * 16
-
+from mtijax.patching.spec import MODES, PatchSpec, check_span, patch_spec, to_patch
 
 DECODE_SOURCES = ("last", "mean", "trajectory", "hook")
 FIRST_TOKEN = ("recompute", "refeed")
@@ -144,103 +148,25 @@ class PatchedGeneration:
         return ids[:-1] if self.stopped[row] and not keep_stop else ids
 
 
-@struct.dataclass
-class StepPatch:
-    """One site's patch at decode calls: ``first`` for call 0 and ``later[:, :, min(t, T - 1)]`` for call t.
+@dataclasses.dataclass(frozen=True)
+class KVEdit:
+    """The plan's KV replacement as the engine's cache edit: ``fn(cache, (source cache, layer mask [L]), W)``,
+    applied after the prefill (``W``: its slots). ``recompute``: call 0 writes the target's last prompt token
+    at slot ``W``, so the replacement ends after slot ``W`` (given the position call 0 takes) and slot ``W``
+    is emptied afterwards (call 0 writes it; its position, the one after the rest, is found by the engine)."""
 
-    ``first [L, Bv, 1, ...]``, ``later [L, Bv, T, ...]`` (``Bv`` 1 or the rows), ``first_on``/``later_on``
-    float32 0 or 1, ``coef`` float32, ``mode`` static (``replace``, ``add``, ``interpolate``).
-    """
+    policy: str
+    recompute: bool
 
-    first: jax.Array
-    later: jax.Array
-    first_on: jax.Array
-    later_on: jax.Array
-    coef: jax.Array
-    mode: str = struct.field(pytree_node=False, default="replace")
-
-
-class State(NamedTuple):
-    """The decode loop's state (donated to each step). Call ``step`` feeds ``token [R]`` at ``position [R]``
-    into cache slot ``slot``; ``first_logits [V]`` holds row 0's logits of call 0 once it has run."""
-
-    cache: kv_cache.KVCache
-    token: jax.Array
-    position: jax.Array
-    slot: jax.Array
-    done: jax.Array
-    out: jax.Array
-    count: jax.Array
-    step: jax.Array
-    keys: jax.Array
-    trace: dict[str, jax.Array]
-    first_logits: jax.Array
-
-
-def _call_patches(step_patches: Mapping[str, StepPatch], masks: Mapping[str, jax.Array], step: jax.Array
-                  ) -> dict[str, Patch]:
-    """This call's patches: ``first`` at call 0, ``later[:, :, min(step, T - 1)]`` after (data, not branches)."""
-    patches = {}
-    for site, sp in step_patches.items():
-        later = jax.lax.dynamic_slice_in_dim(sp.later, jnp.minimum(step, sp.later.shape[2] - 1), 1, axis=2)
-        value = jnp.where(step == 0, sp.first, later)
-        on = jnp.where(step == 0, sp.first_on, sp.later_on)
-        weight = masks[site] * on * (1.0 if sp.mode == "replace" else sp.coef)
-        patches[site] = Patch(value, weight, "add" if sp.mode == "add" else "replace")
-    return patches
-
-
-def _step(config, params, state: State, stops, step_patches, masks, *, sampling: Sampling, trace: tuple) -> State:
-    """Call ``state.step``: feed ``state.token`` at ``state.position`` into slot ``state.slot``, sample each row's
-    next token, record the traced sites."""
-    patches = _call_patches(step_patches, masks, state.step)
-    sites = tuple(site for site, _ in trace)
-    x, cache, captured = forward_hidden(config, params, state.token[:, None], state.position[:, None],
-                                        cache=state.cache, write_index=state.slot, patches=patches, capture=sites,
-                                        unroll=True)
-    logits = unembed(config, params, x[:, -1])
-    split = jax.vmap(jax.random.split)(state.keys)
-    drawn = jax.vmap(lambda row, key: sample(row[None], key, sampling)[0])(logits, split[:, 1])
-    token = jnp.where(state.done, config.pad_token_id, drawn)
-    traced = {site: jax.lax.dynamic_update_slice_in_dim(
-        state.trace[site], captured[site][jnp.asarray(layers)].astype(state.trace[site].dtype), state.step, axis=2)
-        for site, layers in trace}
-    return State(cache, token, state.position + 1, state.slot + 1, state.done | jnp.isin(token, stops),
-                 state.out.at[:, state.step].set(token), state.count + (~state.done).astype(jnp.int32),
-                 state.step + 1, split[:, 0], traced, jnp.where(state.step == 0, logits[0], state.first_logits))
-
-
-def _start(config, params, tokens, positions, keys, prompt_specs, source_cache, masks, kv_mask, *, kv_policy,
-           source_end, refeed, max_new_tokens, cache_length, trace) -> State:
-    """Prefill the target prompt (prompt patches) and patch its cache; call 0 is the first step."""
-    rows, width = tokens.shape
-    cache = kv_cache.init_cache(config.num_layers, rows, cache_length, config.num_kv_heads, config.head_dim,
-                                params["embed"].dtype)
-    patches = {site: to_patch(spec.replace(layers=masks[site]), positions) for site, spec in prompt_specs.items()}
-    _, cache, _ = forward_hidden(config, params, tokens, positions, cache=cache, write_index=0, patches=patches,
-                                 unroll=True)
-    if kv_policy is not None:
-        cache = replace_kv(cache, source_cache, policy=kv_policy, layers=kv_mask, target_end=width,
-                           source_end=source_end)
-    last = cache.positions[:, width - 1]
-    if not refeed:  # call 0 rewrites the last prompt slot: it must not also attend to the old entry there
-        cache = cache._replace(positions=cache.positions.at[:, width - 1].set(-1))
-    shapes = {site: (len(layers), rows, max_new_tokens, *site_shape(config, site)) for site, layers in trace}
-    return State(cache, tokens[:, -1], last + 1 if refeed else last, jnp.int32(width if refeed else width - 1),
-                 jnp.zeros((rows,), bool), jnp.full((rows, max_new_tokens), config.pad_token_id, jnp.int32),
-                 jnp.zeros((rows,), jnp.int32), jnp.int32(0), keys,
-                 {site: jnp.zeros(shape, params["embed"].dtype) for site, shape in shapes.items()},
-                 jnp.zeros((config.vocab_size,), jnp.float32))
-
-
-@lru_cache(maxsize=None)
-def _compiled(kind: str, config: ModelConfig, swept: bool, **static):
-    """The jitted (and, for a sweep, vmapped over the masks) prefill or step, for one set of static settings."""
-    if kind == "start":  # params, tokens, positions, keys, prompt_specs, source_cache, masks, kv_mask
-        fn = partial(_start, config, **static)
-        return jax.jit(jax.vmap(fn, in_axes=(None,) * 6 + (0, 0)) if swept else fn)
-    fn = partial(_step, config, **static)  # params, state, stops, step_patches, masks
-    return jax.jit(jax.vmap(fn, in_axes=(None, 0, None, None, 0)) if swept else fn, donate_argnums=(1,))
+    def __call__(self, cache: kv_cache.KVCache, data: tuple[kv_cache.KVCache, jax.Array],
+                 width: jax.Array) -> kv_cache.KVCache:
+        source, layers = data
+        if not self.recompute:
+            return replace_kv(cache, source, policy=self.policy, layers=layers, target_end=width)
+        last = jnp.max(cache.positions, axis=1) + 1
+        cache = cache._replace(positions=cache.positions.at[:, width].set(last))
+        cache = replace_kv(cache, source, policy=self.policy, layers=layers, target_end=width + 1)
+        return cache._replace(positions=cache.positions.at[:, width].set(-1))
 
 
 def _check_plan(config: ModelConfig, plan: Plan) -> None:
@@ -265,6 +191,19 @@ def _check_plan(config: ModelConfig, plan: Plan) -> None:
             layer_mask(config.num_layers, plan.kv.layers)
 
 
+def _check_extra(interventions: Interventions | None, plan: Plan) -> Interventions:
+    """The extra interventions (empty if None); raises on the fields the plan and ``trace`` own."""
+    extra = Interventions() if interventions is None else interventions
+    if extra.prompt_patches or extra.cache_edit is not None or extra.trace:
+        raise MtijaxError("extra interventions of patched generation take patches, step patches, grafts and a "
+                          "router hook; give prompt patches and the KV replacement in the plan, traced sites as "
+                          "trace=")
+    both = sorted(set(extra.step_patches) & {p.site for p in plan.patches})
+    if both:
+        raise MtijaxError(f"site {both[0]!r} has a step patch and a plan patch; give one per site")
+    return extra
+
+
 def _source_values(source: Capture, site: str) -> tuple[jax.Array, jax.Array]:
     """``(last, mean)`` of ``site`` over the source prompt, each ``[L, 1, 1, ...]``."""
     values = source.activations[site]
@@ -274,8 +213,16 @@ def _source_values(source: Capture, site: str) -> tuple[jax.Array, jax.Array]:
     return values[:, :, -1:], mean
 
 
+def _weight(p: SitePatch) -> float:
+    """The factor of a patch's layer mask: ``coef`` for ``add`` and ``interpolate``, 1 for ``replace``."""
+    return 1.0 if p.mode == "replace" else p.coef
+
+
 def _step_patch(p: SitePatch, source: Capture, target_length: int, source_length: int, first_token: str,
-                trajectory: jax.Array | None) -> StepPatch:
+                trajectory: jax.Array | None, mask: jax.Array) -> StepPatch:
+    """The engine's step patch of ``p``: call 0's value (a prompt call with ``recompute``, a decode step with
+    ``refeed``), then the decode source's (call ``t`` gets ``later[min(t, T - 1)]``). ``mask``: ``[L]`` (or
+    ``[K, L]`` for a sweep) layer weights."""
     last, mean = _source_values(source, p.site)
     if p.decode == "trajectory":
         later, later_on = trajectory, 1.0
@@ -292,11 +239,28 @@ def _step_patch(p: SitePatch, source: Capture, target_length: int, source_length
     else:
         lo, hi = span_bounds(parse_positions(p.prompt), target_length)
         first, first_on = last, float(lo <= target_length - 1 < hi)
-    return StepPatch(first, later, jnp.float32(first_on), jnp.float32(later_on), jnp.float32(p.coef), p.mode)
+    first = jnp.broadcast_to(first, (first.shape[0], later.shape[1], *first.shape[2:])).astype(later.dtype)
+    values = jnp.concatenate([first, later[:, :, 1:] if later.shape[2] > 1 else later], axis=2)
+    on = jnp.asarray([first_on] + [later_on] * (values.shape[2] - 1), jnp.float32)
+    return StepPatch(values, on, mask * _weight(p), "add" if p.mode == "add" else "replace")
 
 
-def _rows_keys(seeds: Sequence[int]) -> jax.Array:
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.int32))
+def _prompt_patch(spec: PatchSpec, layers: jax.Array, positions: np.ndarray, width: int) -> Patch:
+    """``spec`` over the target prompt at ``positions [1, W']`` (the prefill slots, then call 0's with
+    ``recompute``), cut to the ``width`` prefill slots; ``layers [L]`` (or ``[K, L]``: a mask per variant)."""
+    positions = jnp.asarray(positions)
+    full = to_patch(spec, positions)
+
+    def mask(m: jax.Array) -> jax.Array:
+        return to_patch(spec.replace(layers=m), positions).mask[:, :, :width]
+
+    return Patch(full.value[:, :, :width], mask(layers) if layers.ndim == 1 else jax.vmap(mask)(layers), full.mode)
+
+
+def _first_logits_only(steps: Iterator[tuple[loop.State, loop.Record]]) -> Iterator[tuple[loop.State, loop.Record]]:
+    """The engine's steps with every call's logits but call 0's dropped."""
+    for index, (state, record) in enumerate(steps):
+        yield state, (record if index == 0 else record._replace(logits=None))
 
 
 def generate_patched(config: ModelConfig, params: Params, target: Sequence[int], source: Sequence[int] | None = None,
@@ -304,7 +268,8 @@ def generate_patched(config: ModelConfig, params: Params, target: Sequence[int],
                      sampling: Sampling = Sampling(), stop_ids: Sequence[int] | None = None,
                      trace: Mapping[str, Sequence[int]] | None = None,
                      trajectory: PatchedGeneration | None = None,
-                     sweep: Mapping[str, jax.Array] | None = None) -> PatchedGeneration:
+                     sweep: Mapping[str, jax.Array] | None = None,
+                     interventions: Interventions | None = None, ladder: Ladder | None = None) -> PatchedGeneration:
     """Generate ``max_new_tokens`` from ``target`` in one row per seed, patched from ``source`` by ``plan``.
 
     Args:
@@ -313,8 +278,13 @@ def generate_patched(config: ModelConfig, params: Params, target: Sequence[int],
       trajectory: the source's own traced generation for ``decode="trajectory"`` (same seeds and
         ``max_new_tokens``); made here when not given.
       sweep: site (or ``"kv"``) -> ``[K, L]`` layer masks replacing the plan's layers, run as a ``jax.vmap``.
+      interventions: more of the engine's interventions, composed with the plan: static patches, step
+        patches (at sites the plan does not patch), grafts (``mtijax.fusion.decode.grafts``) and a router hook.
+        They act on the target's generation, the source's capture and the trajectory run alike.
+      ladder: the engine's compile ladder (default: ``mtijax.engine.ladder.default_ladder``).
     """
     _check_plan(config, plan)
+    extra = _check_extra(interventions, plan)
     if max_new_tokens < 1:
         raise MtijaxError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
     seeds = tuple(int(s) for s in seeds)
@@ -326,69 +296,85 @@ def generate_patched(config: ModelConfig, params: Params, target: Sequence[int],
     check_token_ids(config, [*target, *(source or ())])
     if len(target) < 1:
         raise MtijaxError("the target prompt needs at least one token")
-    rows = len(seeds)
-    target_width = bucketed(len(target))
-    if plan.kv is not None and plan.kv.policy == "whole":
-        target_width = max(target_width, bucketed(len(source)))
-    tokens = np.full((rows, target_width), config.pad_token_id, np.int32)
-    positions = np.full((rows, target_width), -1, np.int32)
-    tokens[:, target_width - len(target):] = list(target)
-    positions[:, target_width - len(target):] = np.arange(len(target))
-    refeed = plan.first_token == "refeed"
-    cache_length = bucketed(target_width + max_new_tokens + 1)
-    stops = jnp.asarray(stop_tokens(config, stop_ids))
-
-    source_capture, source_end, source_cache = None, 0, None
-    if needs_source:
-        s_tokens, s_positions, _ = pad_prompts([list(source)], config.pad_token_id, bucketed(len(source)))
-        sites = sorted({p.site for p in plan.patches})
-        source_capture = capture(config, params, s_tokens, s_positions, sites=sites)
-        source_end, source_cache = s_tokens.shape[1], source_capture.cache
-        if plan.kv is not None and plan.kv.policy == "whole" and plan.kv.layers is not None and \
-                len(plan.kv.layers) < config.num_layers and len(source) != len(target):
-            raise MtijaxError("whole-cache replacement of some layers only needs prompts of the same length; use "
-                              "policy last_min")
-    if any(p.decode == "trajectory" for p in plan.patches) and trajectory is None:
-        trace_sites = {p.site: p.layers for p in plan.patches if p.decode == "trajectory"}
-        trajectory = generate_patched(config, params, source, None, Plan(first_token=plan.first_token), seeds=seeds,
-                                      max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
-                                      trace=trace_sites)
-
-    prompt_specs, step_patches, masks = {}, {}, {}
-    for p in plan.patches:
-        masks[p.site] = layer_mask(config.num_layers, p.layers)
-        if p.prompt is not None:
-            spec = patch_spec(config, p.site, p.layers, source_capture, positions=p.prompt, mode=p.mode,
-                              coef=p.coef, align="end")
-            check_span(spec, positions[:1])
-            prompt_specs[p.site] = spec
-        table = None
-        if p.decode == "trajectory":
-            table = _trajectory_table(config, trajectory, p, seeds, max_new_tokens)
-        step_patches[p.site] = _step_patch(p, source_capture, len(target), len(source), plan.first_token, table)
-    kv_mask = layer_mask(config.num_layers, plan.kv.layers) if plan.kv and plan.kv.layers is not None else \
-        jnp.ones((config.num_layers,), jnp.float32)
     trace_spec = tuple(sorted((site, tuple(sorted(set(int(l) for l in layers))))
                               for site, layers in (trace or {}).items()))
     for site, layers in trace_spec:
         check_site(config, site)
         layer_mask(config.num_layers, layers)
+    ladder = ladder or default_ladder()
+    recompute = plan.first_token == "recompute"
 
-    swept = sweep is not None
-    if swept:
-        masks, kv_mask = _sweep_masks(config, masks, kv_mask, sweep, plan)
-    start = _compiled("start", config, swept, kv_policy=plan.kv.policy if plan.kv else None, source_end=source_end,
-                      refeed=refeed, max_new_tokens=max_new_tokens, cache_length=cache_length, trace=trace_spec)
-    step = _compiled("step", config, swept, sampling=sampling, trace=trace_spec)
-    state = start(params, jnp.asarray(tokens), jnp.asarray(positions), _rows_keys(seeds), prompt_specs, source_cache,
-                  masks, kv_mask)
-    for index in range(max_new_tokens):
-        if index and index % STOP_CHECK_EVERY == 0 and bool(np.asarray(state.done).all()):
-            break
-        state = step(params, state, stops, step_patches, masks)
-    return PatchedGeneration(np.asarray(state.out), np.asarray(state.count), np.asarray(state.done),
-                             np.asarray(state.first_logits), {site: np.asarray(v) for site, v in state.trace.items()},
-                             dict(trace_spec), seeds)
+    source_capture, min_width = None, 0
+    if needs_source:
+        s_tokens, s_positions, _ = pad_prompts([list(source)], config.pad_token_id, ladder.prefill_width(len(source)))
+        sites = sorted({p.site for p in plan.patches})
+        source_capture = capture(config, params, s_tokens, s_positions, sites=sites,
+                                 interventions=Interventions(extra.patches, grafts=extra.grafts, router=extra.router))
+        if plan.kv is not None and plan.kv.policy == "whole":
+            min_width = s_tokens.shape[1] - int(recompute)  # the source's prompt area fits the target's
+            if plan.kv.layers is not None and len(plan.kv.layers) < config.num_layers and len(source) != len(target):
+                raise MtijaxError("whole-cache replacement of some layers only needs prompts of the same length; "
+                                  "use policy last_min")
+    if any(p.decode == "trajectory" for p in plan.patches) and trajectory is None:
+        trace_sites = {p.site: p.layers for p in plan.patches if p.decode == "trajectory"}
+        trajectory = generate_patched(config, params, source, None, Plan(first_token=plan.first_token), seeds=seeds,
+                                      max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
+                                      trace=trace_sites, interventions=interventions, ladder=ladder)
+
+    request = lay_out(config, [list(target)] * len(seeds), max_new_tokens, ladder, stop_ids, refeed=not recompute,
+                      min_width=min_width)
+    if plan.kv is not None:  # call 0's position: the one after the patched cache's (found on the device)
+        request = request._replace(first_position=np.full_like(request.first_position, -1))
+    prompt_positions = request.positions[:1]
+    if recompute:
+        prompt_positions = np.concatenate([prompt_positions, [[len(target) - 1]]], axis=1)
+
+    masks = {p.site: layer_mask(config.num_layers, p.layers) for p in plan.patches}
+    kv_mask = layer_mask(config.num_layers, plan.kv.layers) if plan.kv and plan.kv.layers is not None else \
+        jnp.ones((config.num_layers,), jnp.float32)
+    swept = {} if sweep is None else _sweep_masks(config, sweep, plan)
+    masks.update({site: m for site, m in swept.items() if site != KV_KEY})
+    kv_mask = swept.get(KV_KEY, kv_mask)
+
+    prompt_patches, step_patches = {}, {}
+    for p in plan.patches:
+        if p.prompt is not None:
+            spec = patch_spec(config, p.site, p.layers, source_capture, positions=p.prompt, mode=p.mode,
+                              coef=p.coef, align="end")
+            check_span(spec, prompt_positions)
+            prompt_patches[p.site] = _prompt_patch(spec, masks[p.site], prompt_positions, request.width)
+        table = None
+        if p.decode == "trajectory":
+            table = _trajectory_table(config, trajectory, p, seeds, max_new_tokens)
+        step_patches[p.site] = _step_patch(p, source_capture, len(target), len(source), plan.first_token, table,
+                                           masks[p.site])
+    edit = None if plan.kv is None else CacheEdit((source_capture.cache, kv_mask), KVEdit(plan.kv.policy, recompute))
+    combined = extra.replace(prompt_patches=prompt_patches, step_patches={**extra.step_patches, **step_patches},
+                             cache_edit=edit, trace=trace_spec)
+    check(combined, config.num_layers)
+
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + (0,) * (request.rows - len(seeds)), jnp.int32))
+    steps = loop.run(config, fuse_qkv(params), request, policy=Plain(sampling), interventions=combined, keys=keys,
+                     record_logits=True, layout=FUSED, sweep_axes=_sweep_axes(combined, swept) if swept else None)
+    run = loop.collect(_first_logits_only(steps), request, config.pad_token_id)
+    return PatchedGeneration(run.tokens, run.lengths, run.stopped, run.records[0].logits[..., 0, :],
+                             _traces(run.records, trace_spec, max_new_tokens, bool(swept)), dict(trace_spec), seeds)
+
+
+def _traces(records: Sequence[loop.Record], trace: tuple[tuple[str, tuple[int, ...]], ...], max_new_tokens: int,
+            swept: bool) -> dict[str, np.ndarray]:
+    """The engine's per-call traces as ``site -> [len(layers), *rows, N, ...]`` (zeros at calls not run, after
+    every row stopped)."""
+    lead = int(swept)
+    out = {}
+    for site, _ in trace:
+        calls = np.stack([r.trace[site] for r in records], axis=lead + 2)
+        shape = list(calls.shape)
+        shape[lead + 2] = max_new_tokens
+        full = np.zeros(shape, calls.dtype)
+        full[(slice(None),) * (lead + 2) + (slice(0, len(records)),)] = calls
+        out[site] = np.moveaxis(full, 0, 1) if swept else full
+    return out
 
 
 def _trajectory_table(config: ModelConfig, trajectory: PatchedGeneration, p: SitePatch, seeds: tuple[int, ...],
@@ -404,18 +390,29 @@ def _trajectory_table(config: ModelConfig, trajectory: PatchedGeneration, p: Sit
     return jnp.zeros((config.num_layers, *values.shape[1:]), values.dtype).at[jnp.asarray(layers)].set(values)
 
 
-def _sweep_masks(config: ModelConfig, masks: dict, kv_mask: jax.Array, sweep: Mapping[str, jax.Array], plan: Plan):
-    unknown = [k for k in sweep if k != KV_KEY and k not in masks]
+def _sweep_masks(config: ModelConfig, sweep: Mapping[str, jax.Array], plan: Plan) -> dict[str, jax.Array]:
+    """The checked sweep: key -> ``[K, L]`` float32 masks."""
+    sites = {p.site for p in plan.patches}
+    unknown = [k for k in sweep if k != KV_KEY and k not in sites]
     if unknown:
         raise MtijaxError(f"sweep over {unknown[0]!r}, which the plan does not patch")
     if KV_KEY in sweep and plan.kv is None:
         raise MtijaxError("sweep over kv layers needs a plan with a KV replacement")
-    sizes = {np.shape(v)[0] for v in sweep.values()}
+    sizes = {np.shape(v)[0] for v in sweep.values() if np.ndim(v)}
     if len(sizes) != 1 or any(np.ndim(v) != 2 or np.shape(v)[1] != config.num_layers for v in sweep.values()):
         raise MtijaxError(f"sweep masks must all be [K, {config.num_layers}] with the same K")
-    k = sizes.pop()
-    masks = {site: jnp.asarray(sweep[site], jnp.float32) if site in sweep else jnp.broadcast_to(m, (k, len(m)))
-             for site, m in masks.items()}
-    kv_mask = jnp.asarray(sweep[KV_KEY], jnp.float32) if KV_KEY in sweep else jnp.broadcast_to(kv_mask,
-                                                                                              (k, len(kv_mask)))
-    return masks, kv_mask
+    return {key: jnp.asarray(v, jnp.float32) for key, v in sweep.items()}
+
+
+def _sweep_axes(interventions: Interventions, swept: Mapping[str, jax.Array]) -> Any:
+    """The engine's ``sweep_axes``: the swept layer masks (prompt and step patches, the KV edit's) on axis 0,
+    everything else shared."""
+    axes = jax.tree.map(lambda _: None, interventions)
+
+    def on_mask(patches: dict) -> dict:
+        return {site: a.replace(mask=0) if site in swept else a for site, a in patches.items()}
+
+    axes = axes.replace(prompt_patches=on_mask(axes.prompt_patches), step_patches=on_mask(axes.step_patches))
+    if KV_KEY in swept:
+        axes = axes.replace(cache_edit=axes.cache_edit.replace(data=(None, 0)))
+    return axes

@@ -79,7 +79,7 @@ def _gather_slots(values: jax.Array, slots: jax.Array) -> jax.Array:
 
 
 def replace_kv(target: KVCache, source: KVCache, *, policy: str = "whole",
-               layers: Iterable[int] | jax.Array | None = None, target_end: int | None = None,
+               layers: Iterable[int] | jax.Array | None = None, target_end: int | jax.Array | None = None,
                source_end: int | None = None) -> KVCache:
     """The target cache with the source's keys and values put in (see the module docstring). Pure.
 
@@ -87,52 +87,52 @@ def replace_kv(target: KVCache, source: KVCache, *, policy: str = "whole",
       policy: ``"whole"`` or ``"last_min"``.
       layers: layer indices or an ``[L]`` 0/1 mask (data: vmap it for a sweep); None = every layer.
       target_end: the slot after the target's prompt (default: its last slot + 1); slots from there on (room
-        for generated tokens) are untouched.
+        for generated tokens) are untouched. A traced int32 scalar works too (inside a compiled function:
+        the generation engine's ``CacheEdit``), without the range checks.
       source_end: the slot after the source's prompt (default: the source cache's length).
     """
     check_caches(target, source)
     if policy not in POLICIES:
         raise MtijaxError(f"unknown KV policy {policy!r}; policies are {', '.join(POLICIES)}")
-    target_end = target.length if target_end is None else int(target_end)
+    target_end = target.length if target_end is None else target_end
+    concrete = not isinstance(target_end, jax.core.Tracer)
     source_end = source.length if source_end is None else int(source_end)
-    if not 0 < target_end <= target.length or not 0 < source_end <= source.length:
-        raise MtijaxError(f"prompt ends at slots {target_end} (target, {target.length} slots) and {source_end} "
-                          f"(source, {source.length} slots): out of range")
-    num_layers, batch = target.k.shape[:2]
-    weights = layer_weights(num_layers, layers)
-    slots = jnp.arange(target_end, dtype=jnp.int32)[None, :]
-    src_k, src_v = _rows(source.k, batch), _rows(source.v, batch)
-    src_pos = jnp.broadcast_to(source.positions, (batch, source.length))
-    old_pos = target.positions[:, :target_end]
-    if policy == "last_min":
-        m = jnp.minimum(jnp.sum(old_pos >= 0, -1), jnp.sum(src_pos[:, :source_end] >= 0, -1))[:, None]
-        moved = slots >= target_end - m
-        new_pos = old_pos
-    else:
-        if source_end > target_end:
+    if concrete:
+        target_end = int(target_end)
+        if not 0 < target_end <= target.length or not 0 < source_end <= source.length:
+            raise MtijaxError(f"prompt ends at slots {target_end} (target, {target.length} slots) and {source_end} "
+                              f"(source, {source.length} slots): out of range")
+        if policy == "whole" and source_end > target_end:
             raise MtijaxError(f"whole-cache replacement: the source's prompt area ({source_end} slots) does not fit "
                               f"the target's ({target_end} slots)")
-        moved = jnp.broadcast_to(slots >= target_end - source_end, (batch, target_end))
-        shifted = jnp.clip(slots - target_end + source_end, 0, source_end - 1)
-        new_pos = jnp.where(moved, _gather_slots(src_pos[None], jnp.broadcast_to(shifted, (batch, target_end)))[0],
-                            -1)
-        if not isinstance(weights, jax.core.Tracer) and not isinstance(old_pos, jax.core.Tracer) and \
-                not bool(jnp.all(weights == 1)) and not bool(jnp.all(new_pos == old_pos)):
+    num_layers, batch = target.k.shape[:2]
+    weights = layer_weights(num_layers, layers)
+    slots = jnp.arange(target.length, dtype=jnp.int32)[None, :]
+    region = slots < target_end
+    index = jnp.broadcast_to(jnp.clip(slots - target_end + source_end, 0, source_end - 1), (batch, target.length))
+    src_pos = jnp.broadcast_to(source.positions, (batch, source.length))
+    if policy == "last_min":
+        old_pos = jnp.where(region, target.positions, -1)
+        m = jnp.minimum(jnp.sum(old_pos >= 0, -1), jnp.sum(src_pos[:, :source_end] >= 0, -1))[:, None]
+        moved = region & (slots >= target_end - m)
+        positions = target.positions
+    else:
+        moved = region & (slots >= target_end - source_end)
+        positions = jnp.where(region, jnp.where(moved, jnp.take_along_axis(src_pos, index, axis=1), -1),
+                              target.positions)
+        if concrete and not any(isinstance(x, jax.core.Tracer) for x in (weights, target.positions, positions)) \
+                and not bool(jnp.all(weights == 1)) and not bool(jnp.all(positions == target.positions)):
             raise MtijaxError("whole-cache replacement of some layers only needs prompts of the same length (the "
                               "cache has one position per slot for all layers); use policy last_min")
-    index = jnp.clip(slots - target_end + source_end, 0, source_end - 1)
-    index = jnp.broadcast_to(index, (batch, target_end))
-    take = moved[None, :, :, None, None] & (weights[:, None, None, None, None] > 0)
+    chosen = weights[:, None, None, None, None] > 0
+    take = moved[None, :, :, None, None] & chosen
+    emptied = (region & ~moved)[None, :, :, None, None] & chosen
 
     def merge(old: jax.Array, src: jax.Array) -> jax.Array:
-        region = old[:, :, :target_end]
-        mixed = jnp.where(take, _gather_slots(src, index).astype(old.dtype), region)
-        if policy == "whole":  # emptied slots hold zeros
-            mixed = jnp.where((~moved)[None, :, :, None, None] & (weights[:, None, None, None, None] > 0), 0, mixed)
-        return old.at[:, :, :target_end].set(mixed)
+        mixed = jnp.where(take, _gather_slots(_rows(src, batch), index).astype(old.dtype), old)
+        return jnp.where(emptied, 0, mixed) if policy == "whole" else mixed  # emptied slots hold zeros
 
-    positions = target.positions.at[:, :target_end].set(new_pos) if policy == "whole" else target.positions
-    return KVCache(merge(target.k, src_k), merge(target.v, src_v), positions)
+    return KVCache(merge(target.k, source.k), merge(target.v, source.v), positions)
 
 
 def next_position(cache: KVCache, end: int) -> jax.Array:
