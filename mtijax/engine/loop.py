@@ -12,15 +12,16 @@ plain, patched, fused and gated generation:
 
 They are compiled once per model, params layout, batch bucket, cache rung and intervention structure
 (:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. Steps
-are dispatched from Python; a source of params that is not resident (``mtijax.streaming``) provides its
-own ``step`` over the same pieces.
+are dispatched from Python. A source of params that is not resident (``mtijax.streaming``) passes its own
+:class:`LayerStack` to :func:`run`: it computes the prefill chunks and the layers of each decode call, and
+ends every call with the same :func:`finish`; the state, the start and the bookkeeping stay the engine's.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +165,35 @@ _start_jit = jax.jit(start, static_argnums=(0,))
 _step_jit = jax.jit(decode_step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 
 
+class LayerStack(Protocol):
+    """How a run computes its prefill chunks and decode calls (see :func:`run`'s ``stack``)."""
+
+    def prefill_chunk(self, cache: kv.KVCache, carry: dict[int, Any], router_state: Any, tokens: jax.Array,
+                      positions: jax.Array, start: jax.Array,
+                      interventions: Interventions) -> tuple[kv.KVCache, dict[int, Any], Any]:
+        """What :func:`prefill_chunk` computes: the cache, graft carries and router state after the chunk."""
+
+    def decode_step(self, policy: Policy, record_logits: bool, state: State, interventions: Interventions,
+                    stops: jax.Array, suppress: jax.Array | None) -> tuple[State, Record]:
+        """What :func:`decode_step` computes (its layers, then :func:`finish`)."""
+
+
+class Resident(NamedTuple):
+    """The default :class:`LayerStack`: ``params`` on the device, through the jitted prefill chunk and decode step."""
+
+    config: ModelConfig
+    layout: str
+    params: Params
+
+    def prefill_chunk(self, cache, carry, router_state, tokens, positions, start, interventions):
+        return _chunk_jit(self.config, self.layout, self.params, cache, carry, router_state, tokens, positions,
+                          start, interventions)
+
+    def decode_step(self, policy, record_logits, state, interventions, stops, suppress):
+        return _step_jit(self.config, self.layout, policy, record_logits, self.params, state, interventions, stops,
+                         suppress)
+
+
 def row_keys(seed: int, rows: int) -> jax.Array:
     """Row ``r``'s sampling key: ``fold_in(key(seed), r)``, so a row's draws do not depend on the batch."""
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(jnp.arange(rows))
@@ -185,14 +215,18 @@ def _initial(interventions: Interventions, rows: int) -> tuple[dict[int, Any], A
 def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy,
         interventions: Interventions = Interventions(), keys: jax.Array | None = None,
         suppress: np.ndarray | None = None, record_logits: bool = False,
-        layout: str = "params") -> Iterator[tuple[State, Record]]:
+        layout: str = "params", stack: LayerStack | None = None) -> Iterator[tuple[State, Record]]:
     """Prefill ``request``, then yield ``(state, record)`` after every decode call (device arrays, not
     synchronised), ``request.max_new_tokens`` times at most; the caller stops iterating when it likes.
 
     ``keys``: ``[rows]`` per-row PRNG keys (default :func:`row_keys` of seed 0). ``layout``: the params layout
-    of ``params`` (``"fused_qkv"`` for :func:`~mtijax.models.fused.fuse_qkv` params).
+    of ``params`` (``"fused_qkv"`` for :func:`~mtijax.models.fused.fuse_qkv` params). ``stack``: what computes
+    the prefill chunks and decode calls (default :class:`Resident` over ``params``); with another stack,
+    ``params`` needs only what :func:`finish` reads (embedding, final norm, output head), and the KV cache
+    takes the embedding's dtype.
     """
     enable_compilation_cache()
+    stack = Resident(config, layout, params) if stack is None else stack
     rows = request.rows
     interventions = pad_batch(interventions, request.batch, rows)
     cache = kv.init_cache(config.num_layers, rows, request.cache_length, config.num_kv_heads, config.head_dim,
@@ -200,8 +234,8 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     carry, router_state = _initial(interventions, rows)
     tokens, positions = jnp.asarray(request.tokens), jnp.asarray(request.positions)
     for begin in range(0, request.width, request.chunk):
-        cache, carry, router_state = _chunk_jit(
-            config, layout, params, cache, carry, router_state, tokens[:, begin:begin + request.chunk],
+        cache, carry, router_state = stack.prefill_chunk(
+            cache, carry, router_state, tokens[:, begin:begin + request.chunk],
             positions[:, begin:begin + request.chunk], jnp.int32(begin), interventions)
     keys = row_keys(0, rows) if keys is None else keys
     state = _start_jit(config, cache, carry, router_state, policy.start(rows), jnp.asarray(request.first_token),
@@ -210,8 +244,7 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     stops = jnp.asarray(request.stops)
     suppress = None if suppress is None or not suppress.any() else jnp.asarray(suppress)
     for _ in range(request.max_new_tokens):
-        state, record = _step_jit(config, layout, policy, record_logits, params, state, interventions, stops,
-                                  suppress)
+        state, record = stack.decode_step(policy, record_logits, state, interventions, stops, suppress)
         yield state, record
 
 
