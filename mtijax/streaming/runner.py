@@ -357,7 +357,7 @@ class StreamedModel:
         pairs = {student: source for _, student, source in plan(stand_in, teacher, spec)}
         one = dataclasses.replace(spec, layers=(0,), teacher_layers=(0,))
         for student, source in sorted(pairs.items()):
-            mine = {"layers": jax.tree.map(lambda a: a[None], self.layer_params(student))}
+            mine = {"layers": jax.tree.map(lambda a: jnp.asarray(a[None]), self.layer_params(student))}
             theirs = {"layers": jax.tree.map(lambda a: a[source][None], teacher["layers"])}
             blended = blend(mine, theirs, one, alpha)["layers"]
             self.override_layer(student, jax.tree.map(lambda a: np.asarray(a[0]), blended))
@@ -423,7 +423,7 @@ class StreamedModel:
         routed_positions = None
         if self.experts is not None:
             routed_positions = np.array(positions)
-            routed_positions[rows:] = -1
+            routed_positions[len(routed_positions) if rows is None else rows:] = -1
 
         def run_layer(layer: int, stored: Tree) -> jax.Array:
             if self.experts is not None:
