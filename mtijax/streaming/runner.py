@@ -501,8 +501,8 @@ class StreamedModel:
             temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
             work = max(work, temp + 2 * _nbytes(args[2]) + _nbytes(args[9:]))
         work += logits_rows * c.vocab_size * 4
-        if self.host.kind == "device":
-            work += self._host_cache_bytes
+        if self.host.kind == "device":  # the host cache and the pinned layers are on the device itself
+            work += self._host_cache_bytes + len(self._fetcher.pinned) * self.layer_nbytes
         budget = Budget(self.store.resident_nbytes, self.layer_nbytes, self.prefetch + 1, cache_bytes, work,
                         self.experts.device_bytes() if self.experts else 0)
         check_budget(self.max_device_memory, budget)
