@@ -25,6 +25,7 @@ from mtijax.fusion import Decoding, for_model, init_fusion
 from mtijax.fusion.decode import StabilityPolicy, grafts
 from mtijax.generate import start_run
 from mtijax.interventions import Patch, layer_mask
+from mtijax.models.decoder import family
 from mtijax.snn.gate import spiking_gate
 from mtijax.streaming import StreamedModel
 from mtijax.streaming.memory import allocator_peak
@@ -47,6 +48,14 @@ def olmoe(tmp_path_factory):
     directory = tmp_path_factory.mktemp("olmoe-engine")
     make_olmoe_model("e6_top3_norm_clip").save_pretrained(directory, max_shard_size="64KB")
     return directory, mtijax.load(directory, tokenizer=False, progress=False)
+
+
+def random_params(config, seed, scale=0.5):
+    """Host numpy params of ``config`` drawn normal (std ``scale``; numpy, so no compile per leaf)."""
+    rng = np.random.default_rng(seed)
+    shapes = family(config).param_shapes(config)
+    return jax.tree.map(lambda shape: (scale * rng.standard_normal(shape)).astype(np.float32), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def both_runs(model, streamed, prompts, steps, **options):
@@ -182,18 +191,18 @@ def test_streamed_injection_with_a_patch_equals_resident_injection_and_never_tou
     directory, model = gemma
     c = model.config
     teacher_config = dataclasses.replace(c, intermediate_size=96, num_kv_heads=4)
-    teacher = mtijax.init_params(teacher_config, jax.random.key(7), scale=0.5)
+    teacher = random_params(teacher_config, 7)
     spec = mtijax.InjectionSpec(tensors=("attn/k_proj", "mlp/*"), layers=(1, 3))
     patch = {"resid_mid": Patch(jnp.full((c.num_layers, 1, 1, c.hidden_size), 0.2), layer_mask(c.num_layers, [2]),
                                 "add")}
     prompts = random_prompts(27, [8, 5])
-    injected = mtijax.inject(model.params, teacher, spec, 0.5)
+    injected = jax.jit(mtijax.inject, static_argnums=2)(model.params, teacher, spec, 0.5)  # eager: op by op, slow
     expected = mtijax.generate(c, injected, prompts, 6, stop_ids=(), interventions=Interventions(patches=patch))
     before = tree_checksums(directory)
     with StreamedModel(directory, host_cache_layers=0, prefetch=1) as streamed:
         assert streamed.inject(teacher, spec, 0.5) == [1, 3]
-        np.testing.assert_array_equal(streamed.layer_params(3)["mlp"]["up_proj"],
-                                      np.asarray(injected["layers"]["mlp"]["up_proj"][3]))
+        np.testing.assert_allclose(streamed.layer_params(3)["mlp"]["up_proj"],
+                                   np.asarray(injected["layers"]["mlp"]["up_proj"][3]), rtol=1e-6, atol=1e-7)
         streamed.reset_stats()
         got = streamed.generate(prompts, 6, stop_ids=(), interventions=Interventions(patches=patch))
         stats = streamed.stats()
@@ -223,7 +232,7 @@ def test_host_cache_hits_on_a_scan_of_more_layers_than_it_holds(gemma, policy, h
     """12 layers through an 8-layer cache: the resident subset hits 8 of 12 from the second pass on; LRU none."""
     _, model = gemma
     config = dataclasses.replace(model.config, num_layers=12, layer_types=model.config.layer_types[:1] * 12)
-    params = mtijax.init_params(config, jax.random.key(1))
+    params = random_params(config, 1, scale=0.02)
     tokens = np.array(random_prompts(28, [4]))
     with StreamedModel(params, config=config, host_cache_layers=8, host_cache_policy=policy, prefetch=1) as streamed:
         seen = []

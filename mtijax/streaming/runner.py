@@ -107,6 +107,9 @@ def _nbytes(tree: Any) -> int:
     return sum(int(np.prod(np.shape(a))) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
+_blend = jax.jit(blend, static_argnums=2)
+"""``mtijax.inject`` compiled (once for all layers of one shape)."""
+
 _COMPILED: dict[Any, Any] = {}
 """Compiled steps by (function, config, leaves, captures, argument shapes and placement), shared by every model."""
 
@@ -359,7 +362,7 @@ class StreamedModel:
         for student, source in sorted(pairs.items()):
             mine = {"layers": jax.tree.map(lambda a: jnp.asarray(a[None]), self.layer_params(student))}
             theirs = {"layers": jax.tree.map(lambda a: a[source][None], teacher["layers"])}
-            blended = blend(mine, theirs, one, alpha)["layers"]
+            blended = _blend(mine, theirs, one, alpha)["layers"]
             self.override_layer(student, jax.tree.map(lambda a: np.asarray(a[0]), blended))
         return sorted(pairs)
 
