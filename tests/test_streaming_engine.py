@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import mtijax
-from mtijax.engine import Interventions, Plain, StepPatch, collect
+from mtijax.engine import CacheEdit, Interventions, Plain, StepPatch, collect
 from mtijax.fusion import Decoding, for_model, init_fusion
 from mtijax.fusion.decode import StabilityPolicy, grafts
 from mtijax.generate import start_run
@@ -86,21 +86,30 @@ def plain_logits(model, prompts, steps):
 
 # --- interventions -------------------------------------------------------------------------------------------------
 
-def test_streamed_generation_with_static_and_step_patches_and_a_trace(gemma):
+def halve_values(cache, layer, width):
+    """A cache edit: the values of layer ``layer`` in the prefill region halved."""
+    scale = jnp.where(jnp.arange(cache.length) < width, 0.5, 1.0)[None, :, None, None]
+    return cache._replace(v=cache.v.at[layer].multiply(scale.astype(cache.v.dtype)))
+
+
+def test_streamed_generation_with_every_kind_of_patch_a_cache_edit_and_a_trace(gemma):
     directory, model = gemma
     c = model.config
     rng = np.random.default_rng(0)
-    prompts = random_prompts(20, [11, 5])
+    prompts = random_prompts(20, [11, 5])  # a prefill of 10 tokens: one 64-slot chunk on the CPU ladder
     static = Patch(jnp.asarray(rng.normal(size=(c.num_layers, 1, 1, c.hidden_size)), jnp.float32),
+                   layer_mask(c.num_layers, [1]), "add")
+    prompt = Patch(jnp.asarray(rng.normal(size=(c.num_layers, 2, 64, c.hidden_size)), jnp.float32),
                    layer_mask(c.num_layers, [1]), "add")
     step = StepPatch(jnp.asarray(rng.normal(size=(c.num_layers, 2, 3, c.hidden_size)), jnp.float32),
                      jnp.array([1.0, 0.0, 1.0]), layer_mask(c.num_layers, [0, 2]), "add")
-    interventions = Interventions(patches={"resid_post": static}, step_patches={"mlp_out": step},
+    interventions = Interventions(patches={"resid_post": static}, prompt_patches={"attn_out": prompt},
+                                  step_patches={"mlp_out": step}, cache_edit=CacheEdit(jnp.int32(2), halve_values),
                                   trace=(("attn_out", (0, 3)),))
     with StreamedModel(directory, host_cache_layers=2, prefetch=1) as streamed:
         resident, with_streaming = both_runs(model, streamed, prompts, 6, interventions=interventions)
     assert_same_run(resident, with_streaming)
-    assert with_streaming.records[0].trace["attn_out"].shape == (2, 2, 1, c.num_heads * c.head_dim)
+    assert with_streaming.records[0].trace["attn_out"].shape == (2, 2, 1, c.hidden_size)
     assert not np.allclose(np.stack([r.logits for r in resident.records]), plain_logits(model, prompts, 6), **TOL)
 
 
