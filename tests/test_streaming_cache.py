@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from mtijax.errors import MtijaxError
-from mtijax.streaming import KeywordSectors, LRUCache, format_bytes, parse_size
-from mtijax.streaming.cache import CacheStats
+from mtijax.streaming import KeywordSectors, LRUCache, ResidentCache, format_bytes, parse_size
+from mtijax.streaming.cache import CacheStats, host_cache
 from mtijax.streaming.prefetch import Fetcher, LayerPipeline
 
 
@@ -43,6 +43,38 @@ def test_lru_cyclic_scan_larger_than_the_cache_never_hits():
             if cache.get(layer) is None:
                 cache.put(layer, layer, 10)
     assert cache.stats() == CacheStats(hits=0, misses=20, evictions=17, items=3, bytes=30)
+
+
+def test_resident_subset_keeps_hitting_on_a_cyclic_scan_larger_than_the_cache():
+    """12 layers through room for 8: the first 8 stay, so 8 of 12 lookups hit on every pass after the first."""
+    cache = ResidentCache(max_items=8)
+    hits = []
+    for _ in range(3):
+        before = cache.stats().hits
+        for layer in range(12):
+            if cache.get(layer) is None:
+                cache.put(layer, layer, 10)
+        hits.append(cache.stats().hits - before)
+    assert hits == [0, 8, 8]
+    assert cache.keys() == list(range(8))
+    assert cache.stats() == CacheStats(hits=16, misses=20, evictions=0, items=8, bytes=80)
+
+
+def test_resident_subset_admits_while_both_caps_hold_and_a_dropped_item_makes_room():
+    cache = ResidentCache(max_items=None, max_bytes=100)
+    assert cache.put("a", 1, 60) == [] and cache.put("b", 2, 50) == []   # 110 > 100: b is not stored
+    assert cache.keys() == ["a"]
+    cache.put("a", 3, 70)                                                # replacing a held key is allowed
+    assert cache.get("a") == 3 and cache.stats().bytes == 70
+    cache.discard("a")
+    cache.put("b", 2, 50)
+    assert cache.keys() == ["b"] and cache.stats().evictions == 0
+
+
+def test_host_cache_policies_by_name():
+    assert type(host_cache("resident", 2)) is ResidentCache and type(host_cache("lru", 2)) is LRUCache
+    with pytest.raises(MtijaxError, match="unknown host cache policy 'mru'"):
+        host_cache("mru", 2)
 
 
 def test_lru_byte_cap_evicts_until_it_fits():
@@ -155,6 +187,17 @@ def test_fetcher_forgets_a_failed_read_and_raises_it_to_the_caller():
         fetcher.get("layer")
     assert fetcher.get("layer") == "ok"              # read again, not served from the cache
     assert calls == ["layer", "layer"]
+    fetcher.close()
+
+
+def test_fetcher_serves_a_pinned_key_without_a_lookup_or_a_read():
+    reads = []
+    fetcher = Fetcher(lambda key: reads.append(key) or "from disk", lambda key: 1, LRUCache(max_items=4), workers=0)
+    assert fetcher.get("layer") == "from disk"
+    fetcher.pin("layer", "injected")
+    assert "layer" not in fetcher.cache
+    assert fetcher.get("layer") == "injected" and fetcher.get("layer") == "injected"
+    assert reads == ["layer"] and fetcher.cache.stats() == CacheStats(hits=0, misses=1, evictions=0, items=0, bytes=0)
     fetcher.close()
 
 

@@ -12,8 +12,9 @@ plain, patched, fused and gated generation:
 
 They are compiled once per model, params layout, batch bucket, cache rung and intervention structure
 (:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. Steps
-are dispatched from Python; a source of params that is not resident (``mtijax.streaming``) provides its
-own ``step`` over the same pieces.
+are dispatched from Python. A source of params that is not resident (``mtijax.streaming``) passes its own
+:class:`LayerStack` to :func:`run`: it computes the prefill chunks and the layers of each decode call, and
+ends every call with the same :func:`finish`; the state, the start and the bookkeeping stay the engine's.
 
 A *sweep* (``run(..., sweep_axes=...)``) runs ``K`` variants of the interventions at once: the three
 functions are ``jax.vmap``-ed over the intervention leaves that ``sweep_axes`` marks, so ``K`` layer masks
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +171,37 @@ _start_jit = jax.jit(start, static_argnums=(0,))
 _step_jit = jax.jit(decode_step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 
 
+class LayerStack(Protocol):
+    """How a run computes its prefill chunks and decode calls (see :func:`run`'s ``stack``)."""
+
+    def prefill_chunk(self, cache: kv.KVCache, carry: dict[int, Any], router_state: Any, tokens: jax.Array,
+                      positions: jax.Array, start: jax.Array,
+                      interventions: Interventions) -> tuple[kv.KVCache, dict[int, Any], Any]:
+        """What :func:`prefill_chunk` computes: the cache, graft carries and router state after the chunk."""
+
+    def decode_step(self, policy: Policy, record_logits: bool, state: State, interventions: Interventions,
+                    stops: jax.Array, suppress: jax.Array | None) -> tuple[State, Record]:
+        """What :func:`decode_step` computes (its layers, then :func:`finish`)."""
+
+
+class Resident(NamedTuple):
+    """The default :class:`LayerStack`: ``params`` on the device, through the jitted prefill chunk and decode step."""
+
+    config: ModelConfig
+    layout: str
+    params: Params
+    chunk_fn: Callable | None = None
+    step_fn: Callable | None = None
+
+    def prefill_chunk(self, cache, carry, router_state, tokens, positions, start, interventions):
+        return (self.chunk_fn or _chunk_jit)(self.config, self.layout, self.params, cache, carry, router_state,
+                                             tokens, positions, start, interventions)
+
+    def decode_step(self, policy, record_logits, state, interventions, stops, suppress):
+        return (self.step_fn or _step_jit)(self.config, self.layout, policy, record_logits, self.params, state,
+                                           interventions, stops, suppress)
+
+
 def row_keys(seed: int, rows: int) -> jax.Array:
     """Row ``r``'s sampling key: ``fold_in(key(seed), r)``, so a row's draws do not depend on the batch."""
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(jnp.arange(rows))
@@ -234,22 +266,29 @@ def _initial(interventions: Interventions, rows: int) -> tuple[dict[int, Any], A
 def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy,
         interventions: Interventions = Interventions(), keys: jax.Array | None = None,
         suppress: np.ndarray | None = None, record_logits: bool = False,
-        layout: str = "params", sweep_axes: Any = None) -> Iterator[tuple[State, Record]]:
+        layout: str = "params", stack: LayerStack | None = None,
+        sweep_axes: Any = None) -> Iterator[tuple[State, Record]]:
     """Prefill ``request``, then yield ``(state, record)`` after every decode call (device arrays, not
     synchronised), ``request.max_new_tokens`` times at most; the caller stops iterating when it likes.
 
     ``keys``: ``[rows]`` per-row PRNG keys (default :func:`row_keys` of seed 0). ``layout``: the params layout
-    of ``params`` (``"fused_qkv"`` for :func:`~mtijax.models.fused.fuse_qkv` params).
+    of ``params`` (``"fused_qkv"`` for :func:`~mtijax.models.fused.fuse_qkv` params). ``stack``: what computes
+    the prefill chunks and decode calls (default :class:`Resident` over ``params``); with another stack,
+    ``params`` needs only what :func:`finish` reads (embedding, final norm, output head), and the KV cache
+    takes the embedding's dtype.
 
-    ``sweep_axes``: run a sweep (see the module docstring). A pytree prefix of ``interventions`` whose leaves
-    are ``0`` (this subtree's leaves carry the ``K`` variants on their leading axis) or ``None`` (shared), e.g.
-    ``jax.tree.map(lambda _: None, interventions)`` with one patch's mask set to ``0``. Params, the request,
-    ``keys``, the policy and ``suppress`` are shared by the variants; every array of the yielded states and
-    records has a leading ``K`` axis (``done [K, rows]``, ...).
+    ``sweep_axes``: run a sweep (see the module docstring; resident params only). A pytree prefix of
+    ``interventions`` whose leaves are ``0`` (this subtree's leaves carry the ``K`` variants on their leading
+    axis) or ``None`` (shared), e.g. ``jax.tree.map(lambda _: None, interventions)`` with one patch's mask set
+    to ``0``. Params, the request, ``keys``, the policy and ``suppress`` are shared by the variants; every array
+    of the yielded states and records has a leading ``K`` axis (``done [K, rows]``, ...).
     """
     enable_compilation_cache()
+    if sweep_axes is not None and stack is not None:
+        raise MtijaxError("a sweep runs on resident params; give params, not a layer stack")
+    stack = Resident(config, layout, params) if stack is None else stack
     rows = request.rows
-    chunk_fn, start_fn, step_fn = _chunk_jit, _start_jit, _step_jit
+    start_fn = _start_jit
     cache = kv.init_cache(config.num_layers, rows, request.cache_length, config.num_kv_heads, config.head_dim,
                           params["embed"].dtype)
     if sweep_axes is None:
@@ -259,13 +298,14 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
         size = _sweep_size(sweep_axes, interventions)
         leaves, treedef = jax.tree.flatten(sweep_axes, is_leaf=lambda x: x is None)
         chunk_fn, start_fn, step_fn = _swept_jits(treedef, tuple(leaves), request.batch, rows)
+        stack = Resident(config, layout, params, chunk_fn, step_fn)
         cache = jax.tree.map(lambda x: jnp.repeat(x[None], size, axis=0), cache)
         carry, router_state = jax.vmap(lambda i: _initial(i, rows), in_axes=(sweep_axes,), axis_size=size)(
             interventions)
     tokens, positions = jnp.asarray(request.tokens), jnp.asarray(request.positions)
     for begin in range(0, request.width, request.chunk):
-        cache, carry, router_state = chunk_fn(
-            config, layout, params, cache, carry, router_state, tokens[:, begin:begin + request.chunk],
+        cache, carry, router_state = stack.prefill_chunk(
+            cache, carry, router_state, tokens[:, begin:begin + request.chunk],
             positions[:, begin:begin + request.chunk], jnp.int32(begin), interventions)
     keys = row_keys(0, rows) if keys is None else keys
     state = start_fn(config, cache, carry, router_state, policy.start(rows), jnp.asarray(request.first_token),
@@ -274,8 +314,7 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     stops = jnp.asarray(request.stops)
     suppress = None if suppress is None or not suppress.any() else jnp.asarray(suppress)
     for _ in range(request.max_new_tokens):
-        state, record = step_fn(config, layout, policy, record_logits, params, state, interventions, stops,
-                                suppress)
+        state, record = stack.decode_step(policy, record_logits, state, interventions, stops, suppress)
         yield state, record
 
 

@@ -1,10 +1,19 @@
-"""A least-recently-used cache capped by item count and/or bytes, with exact counters.
+"""Host caches capped by item count and/or bytes, with exact counters: least-recently-used, and a fixed
+resident subset.
 
-This is the seed's "metabolic eviction" with "touch on read": a hit moves the
-item to the most-recently-used end, a new item is added there, and the least
-recently used items are evicted until both caps hold again. The streamer keeps
-layers in it (keys are layer indices), and OLMoE experts (keys ``(layer,
-expert)``) in a second one.
+:class:`LRUCache` is the seed's "metabolic eviction" with "touch on read": a
+hit moves the item to the most-recently-used end, a new item is added there,
+and the least recently used items are evicted until both caps hold again.
+
+A streamed model scans its layers cyclically (0, 1, ..., L-1, 0, 1, ...), and
+on a cyclic scan over more items than it holds LRU never hits: each item is
+evicted just before it comes round again. :class:`ResidentCache` keeps the
+first items that fit and never evicts, so with room for ``C`` of ``L`` layers
+``C`` of every ``L`` lookups hit from the second pass on (the optimum for a
+cyclic scan: no policy can keep more than ``C``). It is the streamer's default
+(:data:`POLICIES`, :func:`host_cache`). The streamer keeps layers in one
+(keys are layer indices), and OLMoE experts (keys ``(layer, expert)``) in a
+second one.
 """
 
 from __future__ import annotations
@@ -112,3 +121,33 @@ class LRUCache:
         too_many = self.max_items is not None and len(self._items) > self.max_items
         too_big = self.max_bytes is not None and self._bytes > self.max_bytes
         return too_many or too_big
+
+
+class ResidentCache(LRUCache):
+    """A fixed resident subset: the first items that fit both caps stay, later ones are not stored (and nothing
+    is ever evicted). Replacing a held key and dropping one (:meth:`discard`, e.g. a failed read) work as in
+    :class:`LRUCache`; a dropped item makes room for the next new one. Thread-safe."""
+
+    def put(self, key: Hashable, value: Any, nbytes: int) -> list[Hashable]:
+        """Add (or replace) ``key`` if it fits beside what is held; never evicts (returns ``[]``)."""
+        with self._lock:
+            held = self._items.pop(key, None)
+            if held is not None:
+                self._bytes -= held[1]
+            self._items[key] = (value, nbytes)
+            self._bytes += nbytes
+            if self._over():
+                del self._items[key]
+                self._bytes -= nbytes
+            return []
+
+
+POLICIES = {"resident": ResidentCache, "lru": LRUCache}
+"""Host cache policies by name: ``"resident"`` (the default: a fixed resident subset) and ``"lru"``."""
+
+
+def host_cache(policy: str, max_items: int | None, max_bytes: int | None = None) -> LRUCache:
+    """A host cache of policy ``policy`` (:data:`POLICIES`) with these caps."""
+    if policy not in POLICIES:
+        raise MtijaxError(f"unknown host cache policy {policy!r} ({', '.join(POLICIES)})")
+    return POLICIES[policy](max_items, max_bytes)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtijax.streaming.cache import LRUCache
+from mtijax.streaming.cache import LRUCache, host_cache
 from mtijax.streaming.host import HostMemory
 from mtijax.streaming.prefetch import Fetcher
 from mtijax.streaming.store import LayerStore, get_leaf, set_leaf
@@ -58,15 +58,16 @@ class ExpertStreamer:
       workers: background reading threads.
       host_cache_experts: experts in the host cache (None: no cap).
       device_experts_per_layer: experts kept on the device per layer (0: none kept between steps).
+      policy: the host cache's policy (``mtijax.streaming.cache.POLICIES``).
     """
 
     def __init__(self, store: LayerStore, host: HostMemory, workers: int, host_cache_experts: int | None,
-                 device_experts_per_layer: int):
+                 device_experts_per_layer: int, policy: str = "resident"):
         self.store = store
         self.host = host
         self.expert_nbytes = store.expert_nbytes
         self.fetcher = Fetcher(lambda key: host.place(store.read_expert(*key)), lambda key: self.expert_nbytes,
-                               LRUCache(host_cache_experts), workers)
+                               host_cache(policy, host_cache_experts), workers)
         self.device_experts_per_layer = device_experts_per_layer
         self.device_caches = [LRUCache(device_experts_per_layer) for _ in range(store.num_layers)]
         slab: Tree = {}
@@ -95,6 +96,25 @@ class ExpertStreamer:
                 self._device_hits += 1
             self.slab = self._put(self.slab, np.int32(expert), weights)
         return merge(core, self.slab)
+
+    def pin(self, layer: int, experts: Tree) -> None:
+        """Serve layer ``layer``'s experts from ``experts`` (``{"moe": {...: [E, ...]}}``, file layout, host arrays)
+        from now on, never from disk; drops the layer's device-cached experts."""
+        for expert in range(self.store.config.num_experts):
+            one: Tree = {}
+            for leaf in self.store.expert_leaves():
+                set_leaf(one, leaf.path, np.ascontiguousarray(get_leaf(experts, leaf.path)[expert]))
+            self.fetcher.pin((layer, expert), self.host.place(one))
+        self.device_caches[layer] = LRUCache(self.device_experts_per_layer)
+
+    def host_experts(self, layer: int) -> Tree:
+        """Layer ``layer``'s experts as host arrays ``{"moe": {...: [E, ...]}}`` (pinned ones, else read from disk)."""
+        rows = [self.fetcher.pinned[(layer, e)].result() if (layer, e) in self.fetcher.pinned
+                else self.store.read_expert(layer, e) for e in range(self.store.config.num_experts)]
+        out: Tree = {}
+        for leaf in self.store.expert_leaves():
+            set_leaf(out, leaf.path, np.stack([np.asarray(get_leaf(row, leaf.path)) for row in rows]))
+        return out
 
     def device_bytes(self) -> int:
         """Device bytes of the slab and of full device expert caches."""

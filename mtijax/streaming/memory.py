@@ -2,6 +2,15 @@
 
 Units follow the usual convention: ``KB``/``MB``/``GB``/``TB`` are powers of
 1000, ``KiB``/``MiB``/``GiB``/``TiB`` powers of 1024; a bare number is bytes.
+
+A cap (``max_device_memory``) is held twice: before a call, against the bytes
+the call is accounted to need (:class:`Budget`, :func:`check_budget`: on every
+backend), and after every pass, against the device allocator's own peak
+(:func:`check_allocator_peak`), where the backend reports one
+(``device.memory_stats()["peak_bytes_in_use"]``: CUDA and other accelerators;
+the CPU backend reports none, so there only the accounted check holds). The
+allocator's peak is the process's since it started (JAX cannot reset it), so
+it holds the cap for everything the process put on the device.
 """
 
 from __future__ import annotations
@@ -91,3 +100,12 @@ def allocator_peak(device: jax.Device) -> int | None:
     """The device allocator's peak bytes in use since the process started, where the backend reports it."""
     stats = device.memory_stats()
     return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def check_allocator_peak(cap: int | None, peak: int | None, accounted: int) -> None:
+    """Refuse to go on once the allocator's ``peak`` (None: not reported) exceeded ``cap`` (one line naming both
+    figures and the accounted bytes)."""
+    if cap is None or peak is None or peak <= cap:
+        return
+    raise MtijaxError(f"the device allocator's peak {format_bytes(peak)} exceeded max device memory "
+                      f"{format_bytes(cap)} (accounted {format_bytes(accounted)}); lower --prefetch or the batch")

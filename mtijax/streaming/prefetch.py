@@ -1,9 +1,11 @@
 """Background reading into a host cache, and the pipeline that moves layers to the device ahead of compute.
 
-:class:`Fetcher` answers "give me layer (or expert) ``key``" from the host
-cache, or starts reading it on a background thread and caches the pending
-result at once, so the cache's order (and its counters) follow the order of
-requests, not the order in which reads happen to finish.
+:class:`Fetcher` answers "give me layer (or expert) ``key``" from its pinned
+items (values put in host memory by the caller, e.g. injected layers, never read
+from disk), else from the host cache, or starts reading it on a background
+thread and caches the pending result at once, so the cache's order (and its
+counters) follow the order of requests, not the order in which reads happen to
+finish.
 
 :class:`LayerPipeline` runs one pass over a list of layers with prefetch depth
 ``k``: before dispatching layer ``i``'s compute it has issued the device copies
@@ -45,9 +47,20 @@ class Fetcher:
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.reads = 0
+        self.pinned: dict[Hashable, Future] = {}
+
+    def pin(self, key: Hashable, value: Any) -> None:
+        """Serve ``key`` from ``value`` from now on (not a cache lookup, never read); drops it from the cache."""
+        done: Future = Future()
+        done.set_result(value)
+        self.pinned[key] = done
+        self.cache.discard(key)
 
     def request(self, key: Hashable) -> Future:
-        """A future of ``key``'s host value: the cached one (a hit, touched) or a read started now (a miss)."""
+        """A future of ``key``'s host value: the pinned one, the cached one (a hit, touched) or a read started now
+        (a miss)."""
+        if key in self.pinned:
+            return self.pinned[key]
         pending = self.cache.get(key)
         if pending is None:
             pending = self._start(key)

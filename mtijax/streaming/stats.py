@@ -19,7 +19,9 @@ class StreamStats:
       bytes_to_device: host -> device bytes of layers (OLMoE expert streaming: of layer cores).
       bytes_read: bytes read from the checkpoint files into host memory.
       seconds: wall time inside the passes (each pass ends by waiting for its result).
-      host_cache: the layer cache's counters.
+      host_cache: the layer cache's counters (``host_cache.hit_rate``: hits per lookup).
+      host_cache_policy: the host caches' policy (``resident`` or ``lru``; see ``mtijax.streaming.cache``).
+      pinned_layers: layers pinned in host memory by ``inject`` or ``override_layer`` (served without a lookup).
       max_live_layers: the most layers on the device at once (at most prefetch + 1).
       accounted_peak_bytes: resident + KV cache + live layers + the compiled step's work (+ experts), at its largest.
       allocator_peak_bytes: the device allocator's own peak since the process started (None on CPU).
@@ -41,6 +43,8 @@ class StreamStats:
     allocator_peak_bytes: int | None
     host_memory: str
     tokens: int = 0
+    host_cache_policy: str = "resident"
+    pinned_layers: int = 0
     experts_moved: int = 0
     expert_bytes_to_device: int = 0
     expert_device_hits: int = 0
@@ -77,13 +81,15 @@ class StreamStats:
                f"at most {self.max_live_layers} layer(s) on the device)",
                f"streamed {format_bytes(self.total_bytes_to_device)} to the device in {self.seconds:.2f} s "
                f"({self.effective_gbps:.2f} GB/s effective), read {format_bytes(self.bytes_read)} from disk",
-               f"host cache hit rate {100 * c.hit_rate:.1f}% ({c.hits} hits, {c.misses} misses, "
-               f"{c.evictions} evictions); host memory: {self.host_memory}"]
+               f"host cache ({self.host_cache_policy}) hit rate {100 * c.hit_rate:.1f}% ({c.hits} hits, "
+               f"{c.misses} misses, {c.evictions} evictions); host memory: {self.host_memory}"]
         if self.expert_host_cache is not None:
             e = self.expert_host_cache
             out.append(f"experts: {self.experts_moved} moved ({format_bytes(self.expert_bytes_to_device)}), "
                        f"{self.expert_device_hits} device-cache hits, host expert cache hit rate "
                        f"{100 * e.hit_rate:.1f}%")
+        if self.pinned_layers:
+            out.append(f"layers pinned in host memory (injected or overridden): {self.pinned_layers}")
         if self.layers_skipped:
             out.append(f"layers skipped as identity: {self.layers_skipped} of {self.layers_run + self.layers_skipped}")
         return out
