@@ -16,7 +16,7 @@ from mtijax.snn.analysis import (COLLAPSE_EFFECTIVE_UNITS, COLLAPSE_TOP_SHARE, C
                                  dominant_units, network_null, permutation_test, similarity)
 from mtijax.snn.drivers import activation_driver, embedding_driver, l2_normalise, make_driver
 from mtijax.snn.export import plot_best_unit, plot_raster, telemetry, write_telemetry
-from mtijax.snn.gate import SEED_GATE, SOFTMAX_LIMIT, gate_logits, with_spiking_gate
+from mtijax.snn.gate import SEED_GATE, SOFTMAX_LIMIT, gate_logits, gate_scan, with_spiking_gate
 from mtijax.snn.network import Network, Routing, simulate, simulate_batch, stack_frames
 from mtijax.snn.study import RouteStudy, route_prompts
 from mtijax.snn.synapses import identity_synapses, model_synapses, random_synapses, shuffled_synapses
@@ -26,7 +26,7 @@ __all__ = [
     "COLLAPSE_EFFECTIVE_UNITS", "COLLAPSE_TOP_SHARE", "Collapse", "collapse", "dominant_band", "dominant_units",
     "network_null", "permutation_test", "similarity", "activation_driver", "embedding_driver", "l2_normalise",
     "make_driver", "plot_best_unit", "plot_raster", "telemetry", "write_telemetry", "SEED_GATE", "SOFTMAX_LIMIT",
-    "gate_logits", "with_spiking_gate", "Network", "Routing", "simulate", "simulate_batch", "stack_frames",
+    "gate_logits", "gate_scan", "with_spiking_gate", "Network", "Routing", "simulate", "simulate_batch", "stack_frames",
     "RouteStudy", "route_prompts", "identity_synapses", "model_synapses", "random_synapses", "shuffled_synapses",
     "ALIF", "GIF", "LIF", "UnitState",
 ]

@@ -31,13 +31,14 @@ does (``m = g``, no spike), so choosing layers is a mask, not a branch.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
+from mtijax.snn.surrogate import make_surrogate
 
 SEED_GATE = {"decay": 0.91, "gain": 0.18, "threshold": 0.75}
 """corinth-canal's constants."""
@@ -45,23 +46,70 @@ SOFTMAX_LIMIT = {"decay": 0.0, "gain": 1.0, "threshold": math.inf}
 """No memory and a threshold at infinity: routing logits equal the router logits bit for bit."""
 
 
-def gate_logits(logits: jax.Array, gate: dict[str, jax.Array]) -> jax.Array:
+def gate_scan(logits: jax.Array, gate: Mapping[str, jax.Array], membranes: jax.Array,
+              valid: jax.Array | None = None, surrogate: str | None = None, *,
+              slope: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """The spiking gate over positions, from given membranes: ``(routing logits [B, S, E], membranes [B, E])``.
+
+    Per valid position ``t`` and expert (float32, the module docstring's recurrence)::
+
+        m <- decay * m + gain * g_t
+        spike = +1 if m > threshold, -1 if m < -threshold, else 0
+        m <- m - threshold * spike;  routing logit = m + threshold * spike
+
+    Args:
+      logits: router logits ``[B, S, E]``.
+      gate: one layer's scalars ``decay``, ``gain`` and ``threshold``.
+      membranes: ``[B, E]`` float32, the membranes before position 0 (zeros for a fresh sequence).
+      valid: ``[B, S]`` bool, False at padding. A padding position leaves the
+        membrane exactly as it was and its routing logits are its router
+        logits ``g_t`` unchanged. Default: every position is valid.
+      surrogate: ``None`` (the spikes' gradient is 0), ``"fast_sigmoid"`` or
+        ``"arctan"`` (``mtijax.snn.surrogate``): the spike keeps its exact
+        value and gains the surrogate derivative of
+        ``H(m - threshold) - H(-m - threshold)``, so ``jax.grad`` reaches
+        ``decay``, ``gain`` and ``threshold`` through the resets too.
+      slope: the surrogate's slope (default: its own).
+
+    Returns the routing logits and the membranes after the last position, so
+    a prefix and its suffix, the second started from the first's membranes,
+    give the same result as one call over the whole sequence.
+    """
+    spike_grad = make_surrogate(surrogate, slope)
+    decay, gain, threshold = (jnp.asarray(gate[k], jnp.float32) for k in ("decay", "gain", "threshold"))
+    b, s, e = logits.shape
+    if membranes.shape != (b, e):
+        raise MtijaxError(f"the gate's membranes must be [B, E] = [{b}, {e}], got {tuple(membranes.shape)}")
+    if valid is not None and valid.shape != (b, s):
+        raise MtijaxError(f"valid must be [B, S] = [{b}, {s}], got {tuple(valid.shape)}")
+    # the reset as arithmetic (spike is exactly 0 or ±1, so this equals the branch); 0 for a threshold at infinity
+    reset = jnp.where(jnp.isfinite(threshold), threshold, jnp.float32(0))
+    g = jnp.swapaxes(logits.astype(jnp.float32), 0, 1)  # [S, B, E]: scan over positions
+    ok = jnp.ones((s, b), bool) if valid is None else jnp.swapaxes(jnp.asarray(valid, bool), 0, 1)
+
+    def position(m: jax.Array, inputs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        g_t, ok_t = inputs
+        m_new = decay * m + gain * g_t
+        spike = jnp.where(m_new > threshold, 1.0, jnp.where(m_new < -threshold, -1.0, 0.0)).astype(jnp.float32)
+        if spike_grad is not None:
+            spike = spike + spike_grad.gradient_only(m_new - threshold) - spike_grad.gradient_only(-m_new - threshold)
+        m_after = m_new - reset * spike
+        routed = m_after + reset * spike
+        ok_t = ok_t[:, None]
+        return jnp.where(ok_t, m_after, m), jnp.where(ok_t, routed, g_t)
+
+    final, routed = jax.lax.scan(position, jnp.asarray(membranes, jnp.float32), (g, ok))
+    return jnp.swapaxes(routed, 0, 1), final
+
+
+def gate_logits(logits: jax.Array, gate: Mapping[str, jax.Array]) -> jax.Array:
     """Routing logits ``[B, S, E]`` float32 of the spiking gate for router logits ``[B, S, E]``.
 
-    ``gate`` holds one layer's scalars ``decay``, ``gain`` and ``threshold``.
+    ``gate`` holds one layer's scalars ``decay``, ``gain`` and ``threshold``;
+    the membranes start at zero (:func:`gate_scan` from zeros, every position valid).
     """
-    decay, gain, threshold = (jnp.asarray(gate[k], jnp.float32) for k in ("decay", "gain", "threshold"))
-    g = jnp.swapaxes(logits.astype(jnp.float32), 0, 1)  # [S, B, E]: scan over positions
-
-    def position(m: jax.Array, g_t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        m = decay * m + gain * g_t
-        spike = jnp.where(m > threshold, 1.0, jnp.where(m < -threshold, -1.0, 0.0)).astype(jnp.float32)
-        fired = spike != 0
-        m = jnp.where(fired, m - threshold * spike, m)
-        return m, jnp.where(fired, m + threshold * spike, m)
-
-    _, routed = jax.lax.scan(position, jnp.zeros_like(g[0]), g)
-    return jnp.swapaxes(routed, 0, 1)
+    b, _, e = logits.shape
+    return gate_scan(logits, gate, jnp.zeros((b, e), jnp.float32))[0]
 
 
 def with_spiking_gate(config: ModelConfig, params: dict[str, Any], *, decay: float = SEED_GATE["decay"],
