@@ -15,6 +15,13 @@ Every unit starts at rest for each input; nothing is carried from one call to
 the next. :func:`simulate_batch` is :func:`simulate` under ``jax.vmap`` over
 a batch of inputs.
 
+Both are JAX transforms of their arguments: they run under ``jax.jit``,
+``jax.vmap`` (over frames, synapses or unit constants) and ``jax.grad``
+(with respect to frames, synapses and unit constants), since the checks at
+the boundary read only shapes and dtypes, never values. Gradients flow
+through the membranes; the spikes themselves have gradient 0 unless a
+surrogate is chosen (``mtijax.snn.surrogate``).
+
 Everything is float32. Frames and synapses of any other dtype are refused
 (:class:`~mtijax.errors.MtijaxError`) rather than cast: the seed's
 "blackhole" collapse came from a kernel reading float16 data as float32, so
@@ -98,8 +105,8 @@ class Routing:
 
 
 def check_float32(name: str, x) -> None:
-    """Refuse anything but float32 (see the module docstring)."""
-    dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    """Refuse anything but float32 (see the module docstring); reads only the dtype, so tracers pass through."""
+    dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     if dtype != np.float32:
         raise MtijaxError(f"{name}: dtype {dtype}, not float32; cast explicitly (x.astype(jnp.float32)) if that is "
                           "what you mean: the spiking network computes in float32 only")
@@ -198,10 +205,22 @@ def simulate_batch(network: Network, frames: jax.Array, ticks: int, num_frames=N
     """
     raster_bin = _validate(network, frames, ticks, raster_bin, batched=True)
     b, s = np.shape(frames)[:2]
-    num_frames = np.full((b,), s, np.int32) if num_frames is None else np.asarray(num_frames, np.int32)
-    if num_frames.shape != (b,) or num_frames.min() < 1 or num_frames.max() > s:
-        raise MtijaxError(f"num_frames must be [{b}] counts in 1..{s}, got {num_frames.tolist()}")
-    return _simulate_batch(network, jnp.asarray(frames), jnp.asarray(num_frames), ticks, raster_bin, unroll)
+    num_frames = np.full((b,), s, np.int32) if num_frames is None else _check_counts(num_frames, b, s)
+    return _simulate_batch(network, jnp.asarray(frames), jnp.asarray(num_frames, jnp.int32), ticks, raster_bin,
+                           unroll)
+
+
+def _check_counts(num_frames, batch: int, frames: int):
+    """``num_frames`` must be ``[batch]`` counts in ``1..frames``; traced counts are checked by shape only."""
+    if np.shape(num_frames) != (batch,):
+        raise MtijaxError(f"num_frames must be [{batch}] counts in 1..{frames}, got shape {np.shape(num_frames)}")
+    try:
+        counts = np.asarray(num_frames)
+    except jax.errors.TracerArrayConversionError:
+        return num_frames
+    if counts.min() < 1 or counts.max() > frames:
+        raise MtijaxError(f"num_frames must be [{batch}] counts in 1..{frames}, got {counts.tolist()}")
+    return counts
 
 
 def stack_frames(drivers: list) -> tuple[jax.Array, np.ndarray]:
