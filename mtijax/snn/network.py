@@ -39,6 +39,7 @@ import numpy as np
 from flax import struct
 
 from mtijax.errors import MtijaxError
+from mtijax.snn.surrogate import Surrogate, make_surrogate
 from mtijax.snn.units import GIF, UnitModel, UnitState, initial_state
 
 RASTER_CELLS = 2**22
@@ -147,16 +148,16 @@ def _validate(network: Network, frames, ticks: int, raster_bin: int | None, batc
 
 
 def _run(network: Network, frames: jax.Array, num_frames: jax.Array, ticks: int, raster_bin: int,
-         unroll: int) -> Routing:
+         unroll: int, surrogate: Surrogate | None) -> Routing:
     """The simulation of one input (vmapped by :func:`simulate_batch`)."""
     currents = jnp.matmul(frames, network.synapses, precision=jax.lax.Precision.HIGHEST)
     count_dtype = jnp.uint8 if raster_bin < 256 else jnp.int32
 
     def tick(state: UnitState, frame: jax.Array):
-        new, out = network.units.step(state, currents[frame])
-        telemetry = (jnp.argmax(out.score).astype(jnp.int32), jnp.mean(out.spikes.astype(jnp.float32)),
+        new, out = network.units.step(state, currents[frame], surrogate)
+        telemetry = (jnp.argmax(out.score).astype(jnp.int32), jnp.mean(out.spikes),
                      jnp.mean(new.v - state.v), jnp.mean(new.a))
-        return new, (telemetry, out.spikes)
+        return new, (telemetry, out.spikes != 0)
 
     def raster_row(state: UnitState, frames_of_bin: jax.Array):
         state, (telemetry, spikes) = jax.lax.scan(tick, state, frames_of_bin, unroll=unroll)
@@ -169,19 +170,22 @@ def _run(network: Network, frames: jax.Array, num_frames: jax.Array, ticks: int,
     return Routing(best, rate, dvdt, adaptation, raster, counts, final, raster_bin)
 
 
-@functools.partial(jax.jit, static_argnames=("ticks", "raster_bin", "unroll"))
-def _simulate(network, frames, num_frames, ticks, raster_bin, unroll):
-    return _run(network, frames, num_frames, ticks, raster_bin, unroll)
+STATIC = ("ticks", "raster_bin", "unroll", "surrogate")
 
 
-@functools.partial(jax.jit, static_argnames=("ticks", "raster_bin", "unroll"))
-def _simulate_batch(network, frames, num_frames, ticks, raster_bin, unroll):
-    run = functools.partial(_run, ticks=ticks, raster_bin=raster_bin, unroll=unroll)
+@functools.partial(jax.jit, static_argnames=STATIC)
+def _simulate(network, frames, num_frames, ticks, raster_bin, unroll, surrogate):
+    return _run(network, frames, num_frames, ticks, raster_bin, unroll, surrogate)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+def _simulate_batch(network, frames, num_frames, ticks, raster_bin, unroll, surrogate):
+    run = functools.partial(_run, ticks=ticks, raster_bin=raster_bin, unroll=unroll, surrogate=surrogate)
     return jax.vmap(run, in_axes=(None, 0, 0))(network, frames, num_frames)
 
 
 def simulate(network: Network, frames: jax.Array, ticks: int, *, raster_bin: int | None = None,
-             unroll: int = 1) -> Routing:
+             unroll: int = 1, surrogate: str | None = None, slope: float | None = None) -> Routing:
     """Run ``network`` for ``ticks`` ticks on one driver, from rest.
 
     Args:
@@ -190,24 +194,30 @@ def simulate(network: Network, frames: jax.Array, ticks: int, *, raster_bin: int
       raster_bin: ticks per raster row; must divide ``ticks``. Default: 1 while the full raster has at most
         :data:`RASTER_CELLS` cells, else the smallest divisor of ``ticks`` that stays under it.
       unroll: ``lax.scan`` unroll of the tick loop (speed only; results are identical).
+      surrogate: ``None``, ``"fast_sigmoid"`` or ``"arctan"``: the spikes' gradient under ``jax.grad``
+        (``mtijax.snn.surrogate``). The values are the same bit for bit whichever is chosen.
+      slope: the surrogate's slope (default: its own).
     """
     raster_bin = _validate(network, frames, ticks, raster_bin, batched=False)
-    return _simulate(network, jnp.asarray(frames), jnp.int32(np.shape(frames)[0]), ticks, raster_bin, unroll)
+    return _simulate(network, jnp.asarray(frames), jnp.int32(np.shape(frames)[0]), ticks, raster_bin, unroll,
+                     make_surrogate(surrogate, slope))
 
 
 def simulate_batch(network: Network, frames: jax.Array, ticks: int, num_frames=None, *,
-                   raster_bin: int | None = None, unroll: int = 1) -> Routing:
+                   raster_bin: int | None = None, unroll: int = 1, surrogate: str | None = None,
+                   slope: float | None = None) -> Routing:
     """:func:`simulate` over a batch of drivers at once (``jax.vmap``); every field gains a leading ``[B]``.
 
     Args:
       frames: ``[B, S, width]`` float32, drivers padded to a common ``S`` (see :func:`stack_frames`).
       num_frames: ``[B]`` real frames per driver (the rest is padding, never shown); default all ``S``.
+      raster_bin, unroll, surrogate, slope: as for :func:`simulate`.
     """
     raster_bin = _validate(network, frames, ticks, raster_bin, batched=True)
     b, s = np.shape(frames)[:2]
     num_frames = np.full((b,), s, np.int32) if num_frames is None else _check_counts(num_frames, b, s)
     return _simulate_batch(network, jnp.asarray(frames), jnp.asarray(num_frames, jnp.int32), ticks, raster_bin,
-                           unroll)
+                           unroll, make_surrogate(surrogate, slope))
 
 
 def _check_counts(num_frames, batch: int, frames: int):
