@@ -191,7 +191,8 @@ def fake_routing(best: list[int], spikes: list[int]) -> Routing:
     """A routing with the given winners and per-unit spike counts (the detector reads nothing else)."""
     z = jnp.zeros(len(best), jnp.float32)
     state = UnitState(*(jnp.zeros(len(spikes)),) * 2, jnp.zeros(len(spikes), jnp.int32))
-    return Routing(jnp.asarray(best, jnp.int32), z, z, z, jnp.zeros((1, len(spikes))), jnp.asarray(spikes), state)
+    return Routing(best_unit=jnp.asarray(best, jnp.int32), population_rate=z, mean_dvdt=z, adaptation=z,
+                   mean_potential=z, raster=jnp.zeros((1, len(spikes))), spike_counts=jnp.asarray(spikes), final=state)
 
 
 def test_collapse_detector_thresholds():

@@ -78,6 +78,8 @@ class Routing:
       population_rate: ``[ticks]`` float32, fraction of units that spiked in the tick.
       mean_dvdt: ``[ticks]`` float32, mean over units of ``v(t) - v(t - 1)`` (per tick).
       adaptation: ``[ticks]`` float32, mean adaptation over units after the tick (the GIF's fatigue).
+      mean_potential: ``[ticks]`` float32, mean over units of the membrane clipped to ``[0, 1]`` after the
+        tick (the "potentials" corinth-canal's telemetry averages; see ``mtijax.snn.export``).
       raster: ``[ticks / raster_bin, units]`` spike counts per bin of ``raster_bin`` ticks
         (uint8 when a bin holds fewer than 256 ticks, else int32); ``raster_bin = 1`` is the full raster.
       spike_counts: ``[units]`` int32, spikes of each unit over the whole run.
@@ -89,6 +91,7 @@ class Routing:
     population_rate: jax.Array
     mean_dvdt: jax.Array
     adaptation: jax.Array
+    mean_potential: jax.Array
     raster: jax.Array
     spike_counts: jax.Array
     final: UnitState
@@ -156,7 +159,7 @@ def _run(network: Network, frames: jax.Array, num_frames: jax.Array, ticks: int,
     def tick(state: UnitState, frame: jax.Array):
         new, out = network.units.step(state, currents[frame], surrogate)
         telemetry = (jnp.argmax(out.score).astype(jnp.int32), jnp.mean(out.spikes),
-                     jnp.mean(new.v - state.v), jnp.mean(new.a))
+                     jnp.mean(new.v - state.v), jnp.mean(new.a), jnp.mean(jnp.clip(new.v, 0.0, 1.0)))
         return new, (telemetry, out.spikes != 0)
 
     def raster_row(state: UnitState, frames_of_bin: jax.Array):
@@ -165,9 +168,9 @@ def _run(network: Network, frames: jax.Array, num_frames: jax.Array, ticks: int,
 
     schedule = even_schedule(num_frames, ticks).reshape(ticks // raster_bin, raster_bin)
     final, (telemetry, raster) = jax.lax.scan(raster_row, initial_state(network.num_units), schedule)
-    best, rate, dvdt, adaptation = (x.reshape(ticks) for x in telemetry)
+    best, rate, dvdt, adaptation, potential = (x.reshape(ticks) for x in telemetry)
     counts = jnp.sum(raster, axis=0, dtype=jnp.int32)
-    return Routing(best, rate, dvdt, adaptation, raster, counts, final, raster_bin)
+    return Routing(best, rate, dvdt, adaptation, potential, raster, counts, final, raster_bin)
 
 
 STATIC = ("ticks", "raster_bin", "unroll", "surrogate")
