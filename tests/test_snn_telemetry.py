@@ -59,3 +59,23 @@ def test_gate_telemetry_has_one_row_per_valid_position(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(export.GATE_COLUMNS) and len(rows) == 4
     assert float(rows[0]["routing_entropy"]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_parquet_reads_back_exactly_what_was_written_and_agrees_with_the_csv(tmp_path):
+    import pyarrow.parquet as pq
+
+    net = Network(jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32))
+    runs = [simulate(net, jnp.full((2, 4), s, jnp.float32), 30) for s in (0.5, 2.0)]
+    csv_path, parquet_path = export.write_telemetry(runs, tmp_path / "telemetry")
+    table = pq.read_table(parquet_path)
+    assert table.column_names == list(export.COLUMNS) and table.num_rows == 60
+    for prompt, run in enumerate(runs):
+        for name, want in export.telemetry(run, prompt).items():
+            got = table.column(name).to_numpy()[prompt * 30:(prompt + 1) * 30]
+            assert got.dtype == want.dtype, name
+            np.testing.assert_array_equal(got, want)
+    assert table.column("best_unit").to_numpy().tolist() != [0] * 60
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    for name in export.COLUMNS:
+        np.testing.assert_allclose([float(r[name]) for r in rows], table.column(name).to_numpy(), rtol=1e-8)

@@ -45,9 +45,8 @@ own, not a reading of the network); and its heartbeat and hardware sensor
 columns (``heartbeat_*``, ``gpu_temp_c``, ``gpu_power_w``, ``cpu_tctl_c``,
 ``cpu_package_power_w``).
 
-Parquet needs ``pyarrow``, which mtijax does not depend on: the Parquet file
-is written only when ``pyarrow`` can be imported (``pip install pyarrow``),
-and the writers say which files they wrote. CSV is always written.
+Every table goes to both CSV (floats to 9 significant digits) and Parquet
+(``pyarrow``, a dependency of mtijax; exact values and column types).
 """
 
 from __future__ import annotations
@@ -58,6 +57,8 @@ from typing import Sequence
 
 import jax
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mtijax.snn.network import Routing
 
@@ -129,13 +130,13 @@ def gate_telemetry(routing_logits: jax.Array, valid: np.ndarray | None = None) -
 
 
 def write_telemetry(routings: Sequence[Routing], stem: str | Path) -> list[Path]:
-    """Write the network telemetry of every run to ``stem.csv`` (and ``stem.parquet``); returns the paths written."""
+    """Write the network telemetry of every run to ``stem.csv`` and ``stem.parquet``; returns both paths."""
     tables = [telemetry(r, i) for i, r in enumerate(routings)]
     return write_table({name: np.concatenate([t[name] for t in tables]) for name in COLUMNS}, stem)
 
 
 def write_gate_telemetry(routing_logits: jax.Array, stem: str | Path, valid: np.ndarray | None = None) -> list[Path]:
-    """Write :func:`gate_telemetry` to ``stem.csv`` (and ``stem.parquet``); returns the paths written."""
+    """Write :func:`gate_telemetry` to ``stem.csv`` and ``stem.parquet``; returns both paths."""
     return write_table(gate_telemetry(routing_logits, valid), stem)
 
 
@@ -143,7 +144,7 @@ def write_table(columns: dict[str, np.ndarray], stem: str | Path) -> list[Path]:
     """Columns of equal length to ``stem.csv`` (floats to 9 significant digits) and ``stem.parquet`` (exact)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    written = [stem.with_suffix(".csv")]
+    written = [stem.with_suffix(".csv"), stem.with_suffix(".parquet")]
     names = list(columns)
     with open(written[0], "w", newline="") as f:
         writer = csv.writer(f)
@@ -151,12 +152,6 @@ def write_table(columns: dict[str, np.ndarray], stem: str | Path) -> list[Path]:
         rows = zip(*(columns[name].tolist() if name in INTEGER_COLUMNS else
                      [f"{x:.9g}" for x in columns[name].tolist()] for name in names))
         writer.writerows(rows)
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        return written
-    written.append(stem.with_suffix(".parquet"))
     pq.write_table(pa.table({name: columns[name] for name in names}), written[1])
     return written
 
