@@ -14,6 +14,7 @@ grad transforms), ``surrogate`` (surrogate gradients of the spike), ``synapses``
 (``mtijax snn route``) each do one job.
 """
 
+from mtijax.snn import gate_training
 from mtijax.snn.analysis import (COLLAPSE_EFFECTIVE_UNITS, COLLAPSE_TOP_SHARE, Collapse, collapse, dominant_band,
                                  dominant_units, network_null, permutation_test, similarity)
 from mtijax.snn.drivers import activation_driver, embedding_driver, l2_normalise, make_driver
