@@ -24,7 +24,7 @@ next-token loss on a held-out text.
     python experiments/snn_routing.py [--olmoe DIR|FILE.gguf] [--ticks 10000] [--nulls 10]
 
 Writes ``experiments/results/snn_routing/``: ``results.json``, ``telemetry.csv``
-(+ ``.parquet`` with pyarrow), raster and best-unit PNGs of the seed's four
+and ``.parquet``, raster and best-unit PNGs of the seed's four
 inputs, ``similarity.png`` and ``null.png``.
 """
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
 from mtijax.interventions import RouterHook
+from mtijax.snn.surrogate import make_surrogate
 
 SEED_GATE = {"decay": 0.91, "gain": 0.18, "threshold": 0.75}
 """corinth-canal's constants."""
@@ -49,33 +50,70 @@ SOFTMAX_LIMIT = {"decay": 0.0, "gain": 1.0, "threshold": math.inf}
 """No memory and a threshold at infinity: routing logits equal the router logits bit for bit."""
 
 
-def gate_scan(logits: jax.Array, gate: Mapping[str, jax.Array], membranes: jax.Array, valid: jax.Array | None = None,
-              surrogate: str | None = None) -> tuple[jax.Array, jax.Array]:
-    """The gate over ``logits [B, S, E]`` from ``membranes [B, E]``: ``(routing logits [B, S, E], membranes [B, E])``.
+def gate_scan(logits: jax.Array, gate: Mapping[str, jax.Array], membranes: jax.Array,
+              valid: jax.Array | None = None, surrogate: str | None = None, *,
+              slope: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """The spiking gate over positions, from given membranes: ``(routing logits [B, S, E], membranes [B, E])``.
 
-    ``gate`` holds one layer's scalars ``decay``, ``gain`` and ``threshold``. Where ``valid [B, S]`` is False
-    (padding) the membrane stays as it was. ``surrogate`` is accepted for the training path (None: the exact
-    step everywhere).
+    Per valid position ``t`` and expert (float32, the module docstring's recurrence)::
+
+        m <- decay * m + gain * g_t
+        spike = +1 if m > threshold, -1 if m < -threshold, else 0
+        m <- m - threshold * spike;  routing logit = m + threshold * spike
+
+    Args:
+      logits: router logits ``[B, S, E]``.
+      gate: one layer's scalars ``decay``, ``gain`` and ``threshold``.
+      membranes: ``[B, E]`` float32, the membranes before position 0 (zeros for a fresh sequence).
+      valid: ``[B, S]`` bool, False at padding. A padding position leaves the
+        membrane exactly as it was and its routing logits are its router
+        logits ``g_t`` unchanged. Default: every position is valid.
+      surrogate: ``None`` (the spikes' gradient is 0), ``"fast_sigmoid"`` or
+        ``"arctan"`` (``mtijax.snn.surrogate``): the spike keeps its exact
+        value and gains the surrogate derivative of
+        ``H(m - threshold) - H(-m - threshold)``, so ``jax.grad`` reaches
+        ``decay``, ``gain`` and ``threshold`` through the resets too.
+      slope: the surrogate's slope (default: its own).
+
+    Returns the routing logits and the membranes after the last position, so
+    a prefix and its suffix, the second started from the first's membranes,
+    give the same result as one call over the whole sequence.
     """
+    spike_grad = make_surrogate(surrogate, slope)
     decay, gain, threshold = (jnp.asarray(gate[k], jnp.float32) for k in ("decay", "gain", "threshold"))
+    b, s, e = logits.shape
+    if membranes.shape != (b, e):
+        raise MtijaxError(f"the gate's membranes must be [B, E] = [{b}, {e}], got {tuple(membranes.shape)}")
+    if valid is not None and valid.shape != (b, s):
+        raise MtijaxError(f"valid must be [B, S] = [{b}, {s}], got {tuple(valid.shape)}")
+    # the reset as arithmetic (spike is exactly 0 or ±1, so this equals the branch); 0 for a threshold at infinity
+    reset = jnp.where(jnp.isfinite(threshold), threshold, jnp.float32(0))
     g = jnp.swapaxes(logits.astype(jnp.float32), 0, 1)  # [S, B, E]: scan over positions
-    keep = jnp.ones(g.shape[:2], bool) if valid is None else jnp.swapaxes(valid, 0, 1)
+    ok = jnp.ones((s, b), bool) if valid is None else jnp.swapaxes(jnp.asarray(valid, bool), 0, 1)
 
-    def position(m: jax.Array, xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        g_t, keep_t = xs
-        new = decay * m + gain * g_t
-        spike = jnp.where(new > threshold, 1.0, jnp.where(new < -threshold, -1.0, 0.0)).astype(jnp.float32)
-        fired = spike != 0
-        new = jnp.where(fired, new - threshold * spike, new)
-        return jnp.where(keep_t[:, None], new, m), jnp.where(fired, new + threshold * spike, new)
+    def position(m: jax.Array, inputs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        g_t, ok_t = inputs
+        m_new = decay * m + gain * g_t
+        spike = jnp.where(m_new > threshold, 1.0, jnp.where(m_new < -threshold, -1.0, 0.0)).astype(jnp.float32)
+        if spike_grad is not None:
+            spike = spike + spike_grad.gradient_only(m_new - threshold) - spike_grad.gradient_only(-m_new - threshold)
+        m_after = m_new - reset * spike
+        routed = m_after + reset * spike
+        ok_t = ok_t[:, None]
+        return jnp.where(ok_t, m_after, m), jnp.where(ok_t, routed, g_t)
 
-    membranes, routed = jax.lax.scan(position, membranes.astype(jnp.float32), (g, keep))
-    return jnp.swapaxes(routed, 0, 1), membranes
+    final, routed = jax.lax.scan(position, jnp.asarray(membranes, jnp.float32), (g, ok))
+    return jnp.swapaxes(routed, 0, 1), final
 
 
 def gate_logits(logits: jax.Array, gate: Mapping[str, jax.Array]) -> jax.Array:
-    """Routing logits ``[B, S, E]`` float32 of the spiking gate for router logits ``[B, S, E]``, membranes from zero."""
-    return gate_scan(logits, gate, jnp.zeros((logits.shape[0], logits.shape[-1]), jnp.float32))[0]
+    """Routing logits ``[B, S, E]`` float32 of the spiking gate for router logits ``[B, S, E]``.
+
+    ``gate`` holds one layer's scalars ``decay``, ``gain`` and ``threshold``;
+    the membranes start at zero (:func:`gate_scan` from zeros, every position valid).
+    """
+    b, _, e = logits.shape
+    return gate_scan(logits, gate, jnp.zeros((b, e), jnp.float32))[0]
 
 
 def _hook_step(logits: jax.Array, positions: jax.Array, gate: Mapping[str, jax.Array],

@@ -15,6 +15,13 @@ Every unit starts at rest for each input; nothing is carried from one call to
 the next. :func:`simulate_batch` is :func:`simulate` under ``jax.vmap`` over
 a batch of inputs.
 
+Both are JAX transforms of their arguments: they run under ``jax.jit``,
+``jax.vmap`` (over frames, synapses or unit constants) and ``jax.grad``
+(with respect to frames, synapses and unit constants), since the checks at
+the boundary read only shapes and dtypes, never values. Gradients flow
+through the membranes; the spikes themselves have gradient 0 unless a
+surrogate is chosen (``mtijax.snn.surrogate``).
+
 Everything is float32. Frames and synapses of any other dtype are refused
 (:class:`~mtijax.errors.MtijaxError`) rather than cast: the seed's
 "blackhole" collapse came from a kernel reading float16 data as float32, so
@@ -32,6 +39,7 @@ import numpy as np
 from flax import struct
 
 from mtijax.errors import MtijaxError
+from mtijax.snn.surrogate import Surrogate, make_surrogate
 from mtijax.snn.units import GIF, UnitModel, UnitState, initial_state
 
 RASTER_CELLS = 2**22
@@ -70,6 +78,8 @@ class Routing:
       population_rate: ``[ticks]`` float32, fraction of units that spiked in the tick.
       mean_dvdt: ``[ticks]`` float32, mean over units of ``v(t) - v(t - 1)`` (per tick).
       adaptation: ``[ticks]`` float32, mean adaptation over units after the tick (the GIF's fatigue).
+      mean_potential: ``[ticks]`` float32, mean over units of the membrane clipped to ``[0, 1]`` after the
+        tick (the "potentials" corinth-canal's telemetry averages; see ``mtijax.snn.export``).
       raster: ``[ticks / raster_bin, units]`` spike counts per bin of ``raster_bin`` ticks
         (uint8 when a bin holds fewer than 256 ticks, else int32); ``raster_bin = 1`` is the full raster.
       spike_counts: ``[units]`` int32, spikes of each unit over the whole run.
@@ -81,6 +91,7 @@ class Routing:
     population_rate: jax.Array
     mean_dvdt: jax.Array
     adaptation: jax.Array
+    mean_potential: jax.Array
     raster: jax.Array
     spike_counts: jax.Array
     final: UnitState
@@ -98,8 +109,8 @@ class Routing:
 
 
 def check_float32(name: str, x) -> None:
-    """Refuse anything but float32 (see the module docstring)."""
-    dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    """Refuse anything but float32 (see the module docstring); reads only the dtype, so tracers pass through."""
+    dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     if dtype != np.float32:
         raise MtijaxError(f"{name}: dtype {dtype}, not float32; cast explicitly (x.astype(jnp.float32)) if that is "
                           "what you mean: the spiking network computes in float32 only")
@@ -140,16 +151,16 @@ def _validate(network: Network, frames, ticks: int, raster_bin: int | None, batc
 
 
 def _run(network: Network, frames: jax.Array, num_frames: jax.Array, ticks: int, raster_bin: int,
-         unroll: int) -> Routing:
+         unroll: int, surrogate: Surrogate | None) -> Routing:
     """The simulation of one input (vmapped by :func:`simulate_batch`)."""
     currents = jnp.matmul(frames, network.synapses, precision=jax.lax.Precision.HIGHEST)
     count_dtype = jnp.uint8 if raster_bin < 256 else jnp.int32
 
     def tick(state: UnitState, frame: jax.Array):
-        new, out = network.units.step(state, currents[frame])
-        telemetry = (jnp.argmax(out.score).astype(jnp.int32), jnp.mean(out.spikes.astype(jnp.float32)),
-                     jnp.mean(new.v - state.v), jnp.mean(new.a))
-        return new, (telemetry, out.spikes)
+        new, out = network.units.step(state, currents[frame], surrogate)
+        telemetry = (jnp.argmax(out.score).astype(jnp.int32), jnp.mean(out.spikes),
+                     jnp.mean(new.v - state.v), jnp.mean(new.a), jnp.mean(jnp.clip(new.v, 0.0, 1.0)))
+        return new, (telemetry, out.spikes != 0)
 
     def raster_row(state: UnitState, frames_of_bin: jax.Array):
         state, (telemetry, spikes) = jax.lax.scan(tick, state, frames_of_bin, unroll=unroll)
@@ -157,24 +168,27 @@ def _run(network: Network, frames: jax.Array, num_frames: jax.Array, ticks: int,
 
     schedule = even_schedule(num_frames, ticks).reshape(ticks // raster_bin, raster_bin)
     final, (telemetry, raster) = jax.lax.scan(raster_row, initial_state(network.num_units), schedule)
-    best, rate, dvdt, adaptation = (x.reshape(ticks) for x in telemetry)
+    best, rate, dvdt, adaptation, potential = (x.reshape(ticks) for x in telemetry)
     counts = jnp.sum(raster, axis=0, dtype=jnp.int32)
-    return Routing(best, rate, dvdt, adaptation, raster, counts, final, raster_bin)
+    return Routing(best, rate, dvdt, adaptation, potential, raster, counts, final, raster_bin)
 
 
-@functools.partial(jax.jit, static_argnames=("ticks", "raster_bin", "unroll"))
-def _simulate(network, frames, num_frames, ticks, raster_bin, unroll):
-    return _run(network, frames, num_frames, ticks, raster_bin, unroll)
+STATIC = ("ticks", "raster_bin", "unroll", "surrogate")
 
 
-@functools.partial(jax.jit, static_argnames=("ticks", "raster_bin", "unroll"))
-def _simulate_batch(network, frames, num_frames, ticks, raster_bin, unroll):
-    run = functools.partial(_run, ticks=ticks, raster_bin=raster_bin, unroll=unroll)
+@functools.partial(jax.jit, static_argnames=STATIC)
+def _simulate(network, frames, num_frames, ticks, raster_bin, unroll, surrogate):
+    return _run(network, frames, num_frames, ticks, raster_bin, unroll, surrogate)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+def _simulate_batch(network, frames, num_frames, ticks, raster_bin, unroll, surrogate):
+    run = functools.partial(_run, ticks=ticks, raster_bin=raster_bin, unroll=unroll, surrogate=surrogate)
     return jax.vmap(run, in_axes=(None, 0, 0))(network, frames, num_frames)
 
 
 def simulate(network: Network, frames: jax.Array, ticks: int, *, raster_bin: int | None = None,
-             unroll: int = 1) -> Routing:
+             unroll: int = 1, surrogate: str | None = None, slope: float | None = None) -> Routing:
     """Run ``network`` for ``ticks`` ticks on one driver, from rest.
 
     Args:
@@ -183,25 +197,43 @@ def simulate(network: Network, frames: jax.Array, ticks: int, *, raster_bin: int
       raster_bin: ticks per raster row; must divide ``ticks``. Default: 1 while the full raster has at most
         :data:`RASTER_CELLS` cells, else the smallest divisor of ``ticks`` that stays under it.
       unroll: ``lax.scan`` unroll of the tick loop (speed only; results are identical).
+      surrogate: ``None``, ``"fast_sigmoid"`` or ``"arctan"``: the spikes' gradient under ``jax.grad``
+        (``mtijax.snn.surrogate``). The values are the same bit for bit whichever is chosen.
+      slope: the surrogate's slope (default: its own).
     """
     raster_bin = _validate(network, frames, ticks, raster_bin, batched=False)
-    return _simulate(network, jnp.asarray(frames), jnp.int32(np.shape(frames)[0]), ticks, raster_bin, unroll)
+    return _simulate(network, jnp.asarray(frames), jnp.int32(np.shape(frames)[0]), ticks, raster_bin, unroll,
+                     make_surrogate(surrogate, slope))
 
 
 def simulate_batch(network: Network, frames: jax.Array, ticks: int, num_frames=None, *,
-                   raster_bin: int | None = None, unroll: int = 1) -> Routing:
+                   raster_bin: int | None = None, unroll: int = 1, surrogate: str | None = None,
+                   slope: float | None = None) -> Routing:
     """:func:`simulate` over a batch of drivers at once (``jax.vmap``); every field gains a leading ``[B]``.
 
     Args:
       frames: ``[B, S, width]`` float32, drivers padded to a common ``S`` (see :func:`stack_frames`).
       num_frames: ``[B]`` real frames per driver (the rest is padding, never shown); default all ``S``.
+      raster_bin, unroll, surrogate, slope: as for :func:`simulate`.
     """
     raster_bin = _validate(network, frames, ticks, raster_bin, batched=True)
     b, s = np.shape(frames)[:2]
-    num_frames = np.full((b,), s, np.int32) if num_frames is None else np.asarray(num_frames, np.int32)
-    if num_frames.shape != (b,) or num_frames.min() < 1 or num_frames.max() > s:
-        raise MtijaxError(f"num_frames must be [{b}] counts in 1..{s}, got {num_frames.tolist()}")
-    return _simulate_batch(network, jnp.asarray(frames), jnp.asarray(num_frames), ticks, raster_bin, unroll)
+    num_frames = np.full((b,), s, np.int32) if num_frames is None else _check_counts(num_frames, b, s)
+    return _simulate_batch(network, jnp.asarray(frames), jnp.asarray(num_frames, jnp.int32), ticks, raster_bin,
+                           unroll, make_surrogate(surrogate, slope))
+
+
+def _check_counts(num_frames, batch: int, frames: int):
+    """``num_frames`` must be ``[batch]`` counts in ``1..frames``; traced counts are checked by shape only."""
+    if np.shape(num_frames) != (batch,):
+        raise MtijaxError(f"num_frames must be [{batch}] counts in 1..{frames}, got shape {np.shape(num_frames)}")
+    try:
+        counts = np.asarray(num_frames)
+    except jax.errors.TracerArrayConversionError:
+        return num_frames
+    if counts.min() < 1 or counts.max() > frames:
+        raise MtijaxError(f"num_frames must be [{batch}] counts in 1..{frames}, got {counts.tolist()}")
+    return counts
 
 
 def stack_frames(drivers: list) -> tuple[jax.Array, np.ndarray]:

@@ -115,7 +115,7 @@ def table(study: RouteStudy) -> str:
 
 
 def write_outputs(study: RouteStudy, out: str | Path) -> list[Path]:
-    """``routing.json``, ``telemetry.csv`` (+ ``.parquet`` with pyarrow), and ``raster_i.png`` and
+    """``routing.json``, ``telemetry.csv`` and ``.parquet``, and ``raster_i.png`` and
     ``best_unit_i.png`` per prompt, under ``out``. Returns the paths written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

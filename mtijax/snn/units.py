@@ -22,6 +22,13 @@ otherwise the same.
 Each step also returns a read-out *score* per unit; the network's "best unit"
 of a tick is the argmax of the scores (ties to the lower index).
 
+**Surrogate gradients.** A step given a :class:`~mtijax.snn.surrogate.Surrogate`
+computes exactly the same values (bit for bit) but differentiates every use
+of a spike ``s = H(v - theta)`` (the reset, the adaptation, the spike train)
+with the surrogate's derivative, as snnTorch and spyx do (the reset is not
+detached). Without one, the spikes have gradient 0 and gradients flow only
+through the membranes.
+
 Arithmetic is float32 in the order each docstring writes it, except that XLA
 (CPU and GPU) contracts some ``x * c + y`` into one fused multiply-add, which
 rounds once instead of twice. A membrane can therefore differ from an unfused
@@ -36,6 +43,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from mtijax.snn.surrogate import Surrogate
 
 
 class UnitState(NamedTuple):
@@ -53,7 +62,8 @@ class UnitState(NamedTuple):
 
 
 class Step(NamedTuple):
-    """What one tick produces besides the new state: ``spikes [units]`` bool and read-out ``score [units]``."""
+    """What one tick produces besides the new state: ``spikes [units]`` float32 (exactly 0 or 1; carrying the
+    surrogate gradient when there is one) and read-out ``score [units]``."""
 
     spikes: jax.Array
     score: jax.Array
@@ -67,6 +77,11 @@ def initial_state(units: int) -> UnitState:
 
 def _f32(x) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
+
+
+def _spike_gradient(surrogate: Surrogate | None, margin: jax.Array) -> jax.Array | None:
+    """Zero in value, ``dH(margin)`` in gradient (None without a surrogate)."""
+    return None if surrogate is None else surrogate.gradient_only(margin)
 
 
 @struct.dataclass
@@ -95,17 +110,24 @@ class GIF:
     refractory_ticks: int = 2
     readout_fatigue: float = 0.22
 
-    def step(self, state: UnitState, current: jax.Array) -> tuple[UnitState, Step]:
-        """One tick for ``current [units]`` float32."""
+    def step(self, state: UnitState, current: jax.Array,
+             surrogate: Surrogate | None = None) -> tuple[UnitState, Step]:
+        """One tick for ``current [units]`` float32 (``surrogate``: see the module docstring)."""
         refractory = state.r > 0
         a = _f32(self.fatigue_decay) * state.a
         v = _f32(self.leak) * state.v + _f32(self.gain) * current - _f32(self.fatigue_drive) * a
         theta = _f32(self.threshold) + _f32(self.fatigue_threshold) * a
         spikes = ~refractory & (v >= theta)
-        v = jnp.where(refractory, jnp.float32(0), jnp.where(spikes, v - _f32(self.reset_fraction) * theta, v))
+        ds = _spike_gradient(surrogate, v - theta)
+        new_v = jnp.where(refractory, jnp.float32(0), jnp.where(spikes, v - _f32(self.reset_fraction) * theta, v))
         a = jnp.where(spikes, a + jnp.float32(1), a)
+        s = spikes.astype(jnp.float32)
+        if ds is not None:
+            ds = jnp.where(refractory, jnp.float32(0), ds)
+            new_v = new_v - ds * _f32(self.reset_fraction) * theta  # own product: sharing the branch's changes its FMA
+            a, s = a + ds, s + ds
         r = jnp.where(spikes, jnp.asarray(self.refractory_ticks, jnp.int32), jnp.maximum(state.r - 1, 0))
-        return UnitState(v, a, r), Step(spikes, v - _f32(self.readout_fatigue) * a)
+        return UnitState(new_v, a, r), Step(s, new_v - _f32(self.readout_fatigue) * a)
 
 
 @struct.dataclass
@@ -120,13 +142,18 @@ class LIF:
     gain: float = 1.0
     threshold: float = 1.0
 
-    def step(self, state: UnitState, current: jax.Array) -> tuple[UnitState, Step]:
-        """One tick for ``current [units]`` float32."""
+    def step(self, state: UnitState, current: jax.Array,
+             surrogate: Surrogate | None = None) -> tuple[UnitState, Step]:
+        """One tick for ``current [units]`` float32 (``surrogate``: see the module docstring)."""
         v = _f32(self.leak) * state.v + _f32(self.gain) * current
         theta = _f32(self.threshold)
         spikes = v >= theta
-        v = jnp.where(spikes, v - theta, v)
-        return UnitState(v, state.a, state.r), Step(spikes, v)
+        ds = _spike_gradient(surrogate, v - theta)
+        new_v = jnp.where(spikes, v - theta, v)
+        s = spikes.astype(jnp.float32)
+        if ds is not None:
+            new_v, s = new_v - theta * ds, s + ds
+        return UnitState(new_v, state.a, state.r), Step(s, new_v)
 
 
 @struct.dataclass
@@ -145,15 +172,20 @@ class ALIF:
     adaptation: float = 1.0
     trace_decay: float = 0.95
 
-    def step(self, state: UnitState, current: jax.Array) -> tuple[UnitState, Step]:
-        """One tick for ``current [units]`` float32."""
+    def step(self, state: UnitState, current: jax.Array,
+             surrogate: Surrogate | None = None) -> tuple[UnitState, Step]:
+        """One tick for ``current [units]`` float32 (``surrogate``: see the module docstring)."""
         v = _f32(self.leak) * state.v + _f32(self.gain) * current
         theta = _f32(self.threshold) + _f32(self.adaptation) * state.a
         spikes = v >= theta
-        v = jnp.where(spikes, v - theta, v)
+        ds = _spike_gradient(surrogate, v - theta)
+        new_v = jnp.where(spikes, v - theta, v)
+        s = spikes.astype(jnp.float32)
+        if ds is not None:
+            new_v, s = new_v - theta * ds, s + ds
         decay = _f32(self.trace_decay)
-        a = decay * state.a + (jnp.float32(1) - decay) * spikes.astype(jnp.float32)
-        return UnitState(v, a, state.r), Step(spikes, v - _f32(self.adaptation) * a)
+        a = decay * state.a + (jnp.float32(1) - decay) * s
+        return UnitState(new_v, a, state.r), Step(s, new_v - _f32(self.adaptation) * a)
 
 
 UnitModel = GIF | LIF | ALIF
