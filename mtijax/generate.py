@@ -24,6 +24,7 @@ from mtijax.engine.interventions import Interventions, check
 from mtijax.engine.ladder import Ladder, default_ladder
 from mtijax.engine.request import Request, check_token_ids, lay_out, pad_prompts, stop_tokens
 from mtijax.engine.sampling import Plain, Policy, Sampling, sample, suppress_mask
+from mtijax.errors import MtijaxError
 from mtijax.models.decoder import Params
 from mtijax.models.fused import LAYOUT as FUSED, fuse_qkv
 
@@ -56,7 +57,18 @@ def start_run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[in
               suppress_ids: Sequence[int] | None = None, interventions: Interventions | None = None,
               ladder: Ladder | None = None, record_logits: bool = False,
               ) -> tuple[Request, Iterator[tuple[loop.State, loop.Record]]]:
-    """Check and lay out a request and start the engine on it (for front-ends): ``(request, steps)``."""
+    """Check and lay out a request and start the engine on it (for front-ends): ``(request, steps)``.
+
+    ``params`` is a params pytree on the device, or a param source with its own ``start_run`` (a
+    ``mtijax.streaming.StreamedModel``, whose layers stream from disk or host memory), which then runs the
+    same engine.
+    """
+    source = getattr(params, "start_run", None)
+    if source is not None:
+        if getattr(params, "config", config) != config:
+            raise MtijaxError("the streamed model's config is not the config given")
+        return source(prompts, max_new_tokens, policy=policy, seed=seed, stop_ids=stop_ids, suppress_ids=suppress_ids,
+                      interventions=interventions, ladder=ladder, record_logits=record_logits)
     interventions = Interventions() if interventions is None else interventions
     check(interventions, config.num_layers)
     request = lay_out(config, prompts, max_new_tokens, ladder or default_ladder(), stop_ids)
@@ -74,6 +86,7 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids).
 
     Args:
+      params: the params pytree, or a streamed param source (``mtijax.streaming.StreamedModel``).
       sampling: greedy (the default), temperature, top-k, top-p; row ``r`` samples with
         ``fold_in(key(seed), r)``.
       stop_ids: a row stops after it produces one of these (default: the config's EOS ids; ``()`` never).

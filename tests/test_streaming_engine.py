@@ -283,3 +283,13 @@ def test_layer_selection_refuses_grafts_and_traces_it_skips(gemma):
         with pytest.raises(mtijax.MtijaxError, match="a trace needs every layer"):
             streamed.generate([[5, 6]], 2, interventions=Interventions(trace=(("resid_post", (0,)),)),
                               layers=[0, 1])
+
+
+def test_mtijax_generate_takes_a_streamed_source_and_gives_the_resident_tokens(gemma):
+    """``mtijax.generate`` runs the engine on a streamed param source as on resident params."""
+    directory, model = gemma
+    prompts = [[5, 9, 17, 33, 3], [4, 66]]
+    resident = mtijax.generate(model.config, model.params, prompts, 6, stop_ids=())
+    with StreamedModel(directory) as streamed:
+        got = mtijax.generate(model.config, streamed, prompts, 6, stop_ids=())
+    np.testing.assert_array_equal(got.tokens, resident.tokens)
