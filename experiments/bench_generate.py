@@ -1,32 +1,82 @@
-"""Prefill and decode throughput of mtijax against Hugging Face transformers on the same GPU.
+"""Prefill and decode throughput of mtijax against two transformers peers on the same device, with physical bounds.
 
-For each model (random weights in the real Gemma 3 or OLMoE shapes, bfloat16) and
-batch size, both implementations process the same prompt length and generate
-the same number of new tokens, greedy, without early stopping:
+Every model has random weights in the real shapes of a preset (``mtijax.init_params`` for mtijax, the
+transformers class built from the same shapes for the peers), bfloat16 on a GPU. Generation is greedy and never
+stops early. The rows, in the order they run (the most important first, so a ``--budget-s`` cut keeps them):
 
-* prefill tok/s: batch x prompt tokens / time of a 1-token generation;
-* decode tok/s: batch x (N - 1) / (time of an N-token generation - prefill time);
-* for mtijax, ``mtijax.generate`` (steps dispatched without waiting) and
-  ``mtijax.generate_stream`` (the host reads every token as it comes);
-* the bandwidth bound: a decode step must read every weight it uses (the
-  embedding too, for the logits; for OLMoE only the experts the batch is
-  routed to) and the live KV cache once, so
-  ``bound tok/s = batch / (bytes per step / copy bandwidth)``, with the copy
-  bandwidth measured in the same run (device-to-device copy, bytes read +
-  written). ``fraction`` = measured / bound.
+* ``decode``, batch 1 and 8 (``--batches``), prompt ``--prompt-len``, ``--new-tokens`` new;
+* ``prefill`` of ``--prefill-len`` tokens (default 2k) at batch 1;
+* ``long`` (Gemma only): batch 1, ``--long-contexts`` tokens of context (default 8k and 32k), ``--long-new-tokens``
+  new. Before each, the free device memory is checked against the bytes the row adds (mtijax's full-length KV
+  cache and the peers' caches, taken as full length too; prefill transients are not estimated); a row that does not
+  fit is skipped with the figures in its reason, and an out-of-memory error is recorded as the row's result.
 
-Run on the GPU machine::
+Figures, for mtijax and each peer:
 
-    XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_generate.py --out experiments/results/x.json
+* ``prefill_tok_s``: batch x prompt tokens / time of a 1-token generation;
+* ``decode_tok_s``: batch x (N - 1) / (time of an N-token generation - that prefill time);
+* ``warmup_s``: the first call's time minus the best later one, both lengths summed (mtijax's compiles, the
+  static peer's ``torch.compile``); every figure above is the best of ``--repeats`` calls after that first one;
+* mtijax also: ``stream_decode_tok_s``, the same through ``mtijax.generate_stream`` (the host reads every token).
+
+Peers (transformers' own recipes for version 5):
+
+* ``transformers_eager``: ``model.generate`` with its default dynamic cache, nothing compiled;
+* ``transformers_static``: ``model.generate(..., cache_implementation="static")``, which makes generate compile
+  the decode forward with ``torch.compile`` (its default ``CompileConfig``: mode ``reduce-overhead``, i.e. CUDA
+  graphs). Its prefill runs eager, so for the prefill row a third peer is measured:
+* ``transformers_compiled``: ``torch.compile(model)`` called on the whole prompt (``use_cache=False``,
+  ``logits_to_keep=1``: it writes no KV cache, which favours it slightly).
+
+``TORCHINDUCTOR_CACHE_DIR`` is a fresh temporary directory unless set, so the static peer's warm-up is a cold
+compile. mtijax's persistent compilation cache is what the environment makes it (``MTIJAX_CACHE``,
+``MTIJAX_COMPILATION_CACHE``, recorded in the JSON); ``experiments/bench_compile.py`` measures compile costs.
+
+Bounds, measured in the same run:
+
+* decode: a step must read every weight it uses (the embedding too, for the logits; for OLMoE only the experts
+  the batch is expected to route to) and the KV entries it attends to: ``min(context, sliding_window)`` slots on
+  sliding layers, the whole context on global layers, averaged over the steps of the generation. ``bound tok/s =
+  batch x steps / (bytes / copy bandwidth)``, the copy bandwidth a device-to-device copy (read + write);
+* prefill: its matrix FLOPs (2 per weight per token, the active experts for OLMoE, causal attention within the
+  window on sliding layers, the logits of the last token) at the rate of a large bf16 matmul measured in the run.
+
+``fraction_of_bound`` = mtijax's figure / the bound; ``speedup_vs`` = mtijax's figure / each peer's, and
+``speedup_vs_strongest`` against the fastest peer of the row.
+
+GPU, one model per invocation (each under 10 minutes: no measurement starts after 420 s, and the longest one,
+a static-cache compile of 12B, takes a few minutes at most; the JSON is rewritten after every measurement, so a
+cut run keeps what it had)::
+
+    python experiments/bench_generate.py --sizes gemma3-270m --budget-s 420 --out /tmp/bench_generate_270m.json
+    python experiments/bench_generate.py --sizes gemma3-1b --budget-s 420 --out /tmp/bench_generate_1b.json
+    python experiments/bench_generate.py --sizes gemma3-12b --budget-s 420 --out /tmp/bench_generate_12b.json
+    python experiments/bench_generate.py --sizes olmoe-1b-7b --budget-s 420 --out /tmp/bench_generate_olmoe.json
+
+CPU smoke test (tiny shapes; every path but the CUDA-only ones)::
+
+    python experiments/bench_generate.py --tiny --out /tmp/bench_generate_tiny.json
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX shares the GPU with torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mtijax, not an installed one
+
 import argparse
+import datetime
 import gc
 import json
 import platform
+import shutil
+import subprocess
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,79 +84,204 @@ import numpy as np
 
 import mtijax
 
+TINY: dict[str, mtijax.ModelConfig] = {
+    "tiny-gemma3": mtijax.Gemma3Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2, num_kv_heads=1,
+        head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+        layer_types=("sliding_attention", "sliding_attention", "full_attention"), max_position_embeddings=4096),
+    "tiny-olmoe": mtijax.OlmoeConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        num_experts=8, num_experts_per_tok=2, max_position_embeddings=4096, eos_token_ids=(2,), pad_token_id=0),
+}
+"""Shapes for the CPU smoke tests (``--tiny``): a sliding window shorter than the prompts, an OLMoE with routing."""
 
-def copy_bandwidth(gib: float = 2.0) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), best of 10, via torch."""
-    import torch
-
-    n = int(gib * 2**30) // 2
-    src = torch.empty(n, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(12):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * n * 2 / best
+PEERS = ("eager", "static", "compiled")
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of ``fn()`` over ``repeats`` runs after one warm-up (fn must block until done)."""
+def model_config(name: str) -> mtijax.ModelConfig:
+    """A preset's config, or one of :data:`TINY`."""
+    return TINY[name] if name in TINY else mtijax.preset(name)
+
+
+def machine() -> dict:
+    """What ran the benchmark: device, CPU, core count, library versions, date and git commit."""
+    import jaxlib
+
+    device = jax.devices()[0]
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or None
+    return {"platform": device.platform, "device": getattr(device, "device_kind", str(device)), "cpu": cpu,
+            "cpu_cores": len(os.sched_getaffinity(0)), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"), "commit": commit}
+
+
+class Budget:
+    """A wall-clock allowance: :meth:`spent` turns true once ``seconds`` have passed since construction."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.perf_counter() + seconds
+
+    def spent(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """``(seconds of the first call, best of `repeats` further calls)``; ``fn`` must block until done."""
+    start = time.perf_counter()
     fn()
+    first = time.perf_counter() - start
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
-    return best
+    return first, best
 
 
-def bytes_per_decode_step(config: mtijax.ModelConfig, batch: int, context: int) -> float:
-    """bfloat16 bytes a decode step must read: the weights it uses + the KV cache of every layer up to ``context``.
+def throughput(batch: int, prompt_len: int, new_tokens: int, prefill: tuple[float, float],
+               total: tuple[float, float] | None) -> dict:
+    """Figures from the ``(first, best)`` seconds of a 1-token and an N-token generation (see the module doc)."""
+    out = {"prefill_s": prefill[1], "prefill_tok_s": batch * prompt_len / prefill[1],
+           "warmup_s": prefill[0] - prefill[1]}
+    if total is not None:
+        decode = total[1] - prefill[1]
+        out["decode_tok_s"] = batch * (new_tokens - 1) / decode if decode > 0 else None
+        out["warmup_s"] += total[0] - total[1]
+    return out
 
-    For OLMoE only the experts the batch routes to are read: with ``k`` of
-    ``E`` experts per token chosen independently, ``E * (1 - (1 - k/E) ** batch)``
-    distinct experts per layer are expected.
-    """
-    cache = 2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim
+
+# ---- bounds -----------------------------------------------------------------------------------------------------
+
+def windows(config: mtijax.ModelConfig) -> list[int | None]:
+    """Per layer, the slots a query can attend to at most: the sliding window, or None (the whole context)."""
+    if isinstance(config, mtijax.Gemma3Config):
+        return [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]
+    return [None] * config.num_layers
+
+
+def weights_read(config: mtijax.ModelConfig, batch: int) -> float:
+    """Weights one decode step reads: all, but for OLMoE only the ``E (1 - (1 - k/E)^B)`` experts per layer that
+    ``batch`` tokens, each choosing ``k`` of ``E`` independently, are expected to use."""
     weights = config.num_params
     if isinstance(config, mtijax.OlmoeConfig):
         e, k = config.num_experts, config.num_experts_per_tok
-        expert = 3 * config.hidden_size * config.intermediate_size
         used = e * (1 - (1 - k / e) ** batch)
-        weights -= config.num_layers * (e - used) * expert
-    return 2 * (weights + cache)
+        weights -= config.num_layers * (e - used) * 3 * config.hidden_size * config.intermediate_size
+    return weights
 
 
-def bench_mtijax(config, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    params = mtijax.init_params(config, jax.random.key(0), jnp.bfloat16)
-    prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt_len)).tolist()
+def decode_bytes(config: mtijax.ModelConfig, batch: int, context: int, itemsize: int) -> float:
+    """Bytes a decode step must read when the cache holds ``context`` tokens: the weights it uses and, per layer,
+    K and V of ``min(context, window)`` slots (the whole context on global layers)."""
+    slots = sum(context if w is None else min(context, w) for w in windows(config))
+    kv = 2 * batch * slots * config.num_kv_heads * config.head_dim
+    return itemsize * (weights_read(config, batch) + kv)
 
-    def run(n):
-        return lambda: mtijax.generate(config, params, prompts, n, stop_ids=()).tokens
 
-    prefill = timed(run(1), repeats)
-    total = timed(run(new_tokens), repeats)
+def decode_bound(config: mtijax.ModelConfig, batch: int, prompt_len: int, new_tokens: int, itemsize: int,
+                 bandwidth: float) -> dict:
+    """Bandwidth bound of decoding ``new_tokens - 1`` steps after a ``prompt_len`` prefill (step i attends to
+    ``prompt_len + i`` tokens): tokens/s and the mean bytes per step."""
+    steps = range(1, max(new_tokens, 2))
+    per_step = [decode_bytes(config, batch, prompt_len + i, itemsize) for i in steps]
+    return {"decode_tok_s": batch * len(per_step) / (sum(per_step) / bandwidth),
+            "bytes_per_step": float(np.mean(per_step))}
 
-    def stream():
-        for _ in mtijax.generate_stream(config, params, prompts, new_tokens, stop_ids=()):
-            pass
 
-    stream_total = timed(stream, 1)
-    del params
+def prefill_flops(config: mtijax.ModelConfig, batch: int, prompt_len: int) -> float:
+    """Matrix FLOPs of a prefill: projections and MLP (active experts and the router for OLMoE) for every token,
+    causal attention scores and mixing (within the window on sliding layers), and the last token's logits."""
+    d, h = config.hidden_size, config.head_dim
+    attn = d * h * (2 * config.num_heads + 2 * config.num_kv_heads)
+    if isinstance(config, mtijax.OlmoeConfig):
+        mlp = d * config.num_experts + 3 * config.num_experts_per_tok * d * config.intermediate_size
+    else:
+        mlp = 3 * d * config.intermediate_size
+    positions = np.arange(1, prompt_len + 1)
+    pairs = sum(int(positions.sum() if w is None else np.minimum(positions, w).sum()) for w in windows(config))
+    return batch * (2 * prompt_len * config.num_layers * (attn + mlp) + 4 * config.num_heads * h * pairs
+                    + 2 * config.vocab_size * d)
+
+
+def copy_bandwidth(device: str, gib: float) -> float:
+    """Copy bandwidth in bytes/s (read + write) of ``gib`` GiB, best of 10, via torch on ``device``."""
+    import torch
+
+    n = int(gib * 2**30) // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(12):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    del src, dst
+    release(device)
+    return 2 * n * 2 / best
+
+
+def matmul_rate(device: str, n: int) -> float:
+    """FLOP/s of an ``n x n`` by ``n x n`` matmul (bfloat16 on a GPU, float32 on a CPU), best of 10, via torch."""
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(12):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    del a, b
+    release(device)
+    return 2 * n**3 / best
+
+
+# ---- memory -----------------------------------------------------------------------------------------------------
+
+def free_bytes(device: str) -> int:
+    """Free memory of the device torch uses (CUDA: the driver's count, so JAX's pool counts as used)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(meminfo["MemAvailable"].split()[0]) * 1024
+
+
+def added_bytes(config: mtijax.ModelConfig, batch: int, context: int, itemsize: int) -> int:
+    """Bytes a row of ``context`` tokens adds to the resident weights: mtijax's KV cache over every layer at full
+    length, and the peers' caches counted at full length too (an over-estimate on their sliding layers)."""
+    full = 2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim * itemsize
+    return 2 * full
+
+
+# ---- transformers -----------------------------------------------------------------------------------------------
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def release(device: str) -> None:
+    import torch
+
     gc.collect()
-    return {
-        "prefill_tok_s": batch * prompt_len / prefill,
-        "decode_tok_s": batch * (new_tokens - 1) / (total - prefill),
-        "stream_decode_tok_s": batch * (new_tokens - 1) / (stream_total - prefill),
-    }
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
-def bench_transformers(config, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def hf_model(config: mtijax.ModelConfig, dtype: str, device: str):
+    """The transformers model of ``config``'s shapes with random weights, in ``dtype`` on ``device``, eval mode."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, OlmoeConfig, OlmoeForCausalLM
 
@@ -117,7 +292,8 @@ def bench_transformers(config, batch: int, prompt_len: int, new_tokens: int, rep
             num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
             num_key_value_heads=config.num_kv_heads, num_experts=config.num_experts,
             num_experts_per_tok=config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob,
-            max_position_embeddings=config.max_position_embeddings)
+            max_position_embeddings=config.max_position_embeddings, pad_token_id=config.pad_token_id,
+            eos_token_id=config.eos_token_ids[0])
     else:
         model_class = Gemma3ForCausalLM
         hf_config = Gemma3TextConfig(
@@ -125,82 +301,277 @@ def bench_transformers(config, batch: int, prompt_len: int, new_tokens: int, rep
             num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
             num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
             query_pre_attn_scalar=config.query_pre_attn_scalar, sliding_window=config.sliding_window,
-            layer_types=list(config.layer_types), max_position_embeddings=config.max_position_embeddings)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = model_class(hf_config).eval()
-    torch.set_default_dtype(torch.float32)
-    ids = torch.randint(3, config.vocab_size, (batch, prompt_len), device="cuda")
+            layer_types=list(config.layer_types), max_position_embeddings=config.max_position_embeddings,
+            pad_token_id=config.pad_token_id)
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = model_class(hf_config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model
 
-    def run(n):
-        def go():
+
+def bench_peer(model, config: mtijax.ModelConfig, peer: str, batch: int, prompt_len: int, new_tokens: int,
+               repeats: int, device: str) -> dict:
+    """Throughput of the transformers peer ``peer`` ("eager", "static" or, prefill only, "compiled")."""
+    import torch
+    from transformers import CompileConfig
+
+    ids = torch.randint(3, config.vocab_size, (batch, prompt_len), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    before = dynamo_counts()
+    if peer == "compiled":
+        compiled = torch.compile(model)
+
+        def forward():
             with torch.no_grad():
-                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            torch.cuda.synchronize()
+                compiled(input_ids=ids, use_cache=False, logits_to_keep=1)
+            sync(device)
+
+        return {**throughput(batch, prompt_len, 1, timed(forward, repeats), None),
+                "torch_compile": dynamo_counts(before)}
+    options = {"cache_implementation": "static"} if peer == "static" else {}
+    if peer == "static" and device != "cuda":
+        options["compile_config"] = CompileConfig()
+        options["compile_config"]._compile_all_devices = True  # generate compiles on CUDA only, unless told
+
+    def run(n: int) -> Callable[[], None]:
+        def go() -> None:
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=config.pad_token_id, **options)
+            sync(device)
         return go
 
     prefill = timed(run(1), repeats)
-    total = timed(run(new_tokens), repeats)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"prefill_tok_s": batch * prompt_len / prefill, "decode_tok_s": batch * (new_tokens - 1) / (total - prefill)}
+    total = timed(run(new_tokens), repeats) if new_tokens > 1 else None
+    out = throughput(batch, prompt_len, new_tokens, prefill, total)
+    if peer == "static":
+        out["torch_compile"] = dynamo_counts(before)
+    return out
+
+
+def dynamo_counts(since: dict | None = None) -> dict:
+    """torch.compile's counters (graphs compiled, graph breaks, frames, CUDA-graph skips), minus ``since``: a peer
+    that recompiles at every step, or falls back to eager, shows here."""
+    from torch._dynamo.utils import counters
+
+    now = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+           "frames": counters["frames"]["total"], "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    return {key: value - (since or {}).get(key, 0) for key, value in now.items()}
+
+
+# ---- mtijax -----------------------------------------------------------------------------------------------------
+
+def bench_mtijax(config: mtijax.ModelConfig, params, batch: int, prompt_len: int, new_tokens: int,
+                 repeats: int) -> dict:
+    """Throughput of ``mtijax.generate`` and, when decoding, ``mtijax.generate_stream``."""
+    prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt_len)).tolist()
+
+    def run(n: int) -> Callable[[], object]:
+        return lambda: mtijax.generate(config, params, prompts, n, stop_ids=()).tokens
+
+    prefill = timed(run(1), repeats)
+    total = timed(run(new_tokens), repeats) if new_tokens > 1 else None
+    out = throughput(batch, prompt_len, new_tokens, prefill, total)
+    if total is not None:
+        def stream() -> None:
+            for _ in mtijax.generate_stream(config, params, prompts, new_tokens, stop_ids=()):
+                pass
+
+        _, streamed = timed(stream, 1)
+        decode = streamed - prefill[1]
+        out["stream_decode_tok_s"] = batch * (new_tokens - 1) / decode if decode > 0 else None
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+def rows_for(config: mtijax.ModelConfig, args: argparse.Namespace) -> list[dict]:
+    """The rows of one model, most important first (see the module doc)."""
+    batches = [int(b) for b in args.batches.split(",") if b]
+    rows = [{"kind": "decode", "batch": batches[0], "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}]
+    if args.prefill_len:
+        rows.append({"kind": "prefill", "batch": 1, "prompt_len": args.prefill_len, "new_tokens": 1})
+    rows += [{"kind": "decode", "batch": b, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+             for b in batches[1:]]
+    if isinstance(config, mtijax.Gemma3Config):
+        rows += [{"kind": "long", "batch": 1, "prompt_len": c, "new_tokens": args.long_new_tokens}
+                 for c in (int(c) for c in args.long_contexts.split(",") if c)]
+    return rows
+
+
+def judge(row: dict) -> None:
+    """Add the fraction of the bound and the speedups over each peer and the strongest one to ``row``."""
+    figure = "prefill_tok_s" if row["kind"] == "prefill" else "decode_tok_s"
+    ours = row["mtijax"].get(figure)
+    row["figure"] = figure
+    row["fraction_of_bound"] = ours / row["bound"][figure] if ours else None
+    peers = {name: row[name][figure] for name in row if name.startswith("transformers_") and row[name].get(figure)}
+    row["speedup_vs"] = {name: ours / value for name, value in peers.items()} if ours else {}
+    if ours and peers:
+        strongest = max(peers, key=peers.get)
+        row["strongest_peer"], row["speedup_vs_strongest"] = strongest, ours / peers[strongest]
+
+
+def attempt(fn: Callable[[], dict], device: str) -> dict:
+    """``fn()``, or ``{"error": ...}`` when it raises (out of memory included), memory released either way."""
+    try:
+        return fn()
+    except Exception as e:  # a peer's or the engine's failure is a result of the row, not the end of the run
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return {"error": f"{type(e).__name__}: {first}"}
+    finally:
+        release(device)
+
+
+def fmt(value: float | None, width: int, digits: int = 0) -> str:
+    return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+
+HEADER = (f"{'model':<13}{'row':<9}{'batch':>5}{'ctx':>7}{'mtijax':>9}{'stream':>8}{'eager':>8}{'static':>8}"
+          f"{'(w-up s)':>9}{'compiled':>9}{'bound':>9}{'%bound':>7}{'x eager':>8}{'x static':>9}{'x best':>7}")
+
+
+def print_row(row: dict) -> None:
+    figure = row["figure"]
+    get = lambda name, key=figure: row.get(name, {}).get(key)
+    percent = 100 * row["fraction_of_bound"] if row["fraction_of_bound"] else None
+    print(f"{row['model']:<13}{row['kind']:<9}{row['batch']:>5}{row['prompt_len']:>7}"
+          f"{fmt(get('mtijax'), 9, 1)}{fmt(get('mtijax', 'stream_' + figure), 8, 1)}"
+          f"{fmt(get('transformers_eager'), 8, 1)}{fmt(get('transformers_static'), 8, 1)}"
+          f"{fmt(get('transformers_static', 'warmup_s'), 9, 1)}{fmt(get('transformers_compiled'), 9, 1)}"
+          f"{fmt(row['bound'][figure], 9)}{fmt(percent, 6)}%"
+          f"{fmt(row['speedup_vs'].get('transformers_eager'), 8, 2)}"
+          f"{fmt(row['speedup_vs'].get('transformers_static'), 9, 2)}"
+          f"{fmt(row.get('speedup_vs_strongest'), 7, 2)}", flush=True)
+    for name in ("mtijax", "transformers_eager", "transformers_static", "transformers_compiled"):
+        if name in row and set(row[name]) & {"error", "skipped"}:
+            print(f"    {name}: {row[name].get('error') or row[name].get('skipped')}", flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="gemma3-270m,gemma3-1b,gemma3-12b,olmoe-1b-7b")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-transformers", action="store_true")
-    parser.add_argument("--out", default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated presets, or tiny-gemma3, tiny-olmoe (default: gemma3-270m,gemma3-1b,"
+                             "gemma3-12b,olmoe-1b-7b; with --tiny both tiny ones)")
+    parser.add_argument("--batches", default="1,8", help="decode batch sizes; the first runs first")
+    parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of the decode rows")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the decode rows")
+    parser.add_argument("--prefill-len", type=int, default=2048, help="prompt of the prefill row (0: no such row)")
+    parser.add_argument("--long-contexts", default="8192,32768",
+                        help="contexts of the long rows, Gemma only ('' for none)")
+    parser.add_argument("--long-new-tokens", type=int, default=32, help="tokens generated in the long rows")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first, best kept")
+    parser.add_argument("--long-repeats", type=int, default=1, help="--repeats of the prefill and long rows")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help="transformers peers: eager, static (static cache + compiled decode), compiled "
+                             "(compiled forward, prefill row only); '' for none")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (default on a GPU) or float32 (default on a CPU)")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="start no measurement after this many seconds; the rest is recorded as skipped")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke test: tiny-gemma3,tiny-olmoe, prompts of 32, 8 new tokens, prefill of 128, "
+                             "long contexts 64 and 256, 1 repeat (flags given explicitly still win)")
+    parser.add_argument("--out", default=None, help="JSON path, rewritten after every measurement")
+    if parser.parse_args().tiny:  # tiny defaults; flags given explicitly still win
+        parser.set_defaults(sizes=",".join(TINY), prompt_len=32, new_tokens=8, prefill_len=128, long_contexts="64,256",
+                            long_new_tokens=4, repeats=1)
     args = parser.parse_args()
+    args.sizes = args.sizes or "gemma3-270m,gemma3-1b,gemma3-12b,olmoe-1b-7b"
 
     import torch
     import transformers
 
-    bandwidth = copy_bandwidth()
-    device = jax.devices()[0]
+    budget = Budget(args.budget_s)
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    itemsize = jnp.dtype(dtype).itemsize
+    peers = [p for p in args.peers.split(",") if p]
+    inductor_dir = None
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        inductor_dir = tempfile.mkdtemp(prefix="bench_generate_inductor_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
+    bandwidth = copy_bandwidth(device, 2.0 if device == "cuda" else 0.25)
+    flops = matmul_rate(device, 8192 if device == "cuda" else 1024)
     report = {
-        "device": getattr(device, "device_kind", str(device)),
-        "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "copy_bandwidth_GBps": bandwidth / 1e9,
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "dtype": "bfloat16", "runs": [],
+        "script": "experiments/bench_generate.py", "argv": sys.argv[1:],
+        "machine": {**machine(), "torch": torch.__version__, "transformers": transformers.__version__,
+                    "torch_device": device},
+        "settings": {"dtype": dtype, "sizes": args.sizes.split(","), "batches": args.batches,
+                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "prefill_len": args.prefill_len,
+                     "long_contexts": args.long_contexts, "long_new_tokens": args.long_new_tokens,
+                     "repeats": args.repeats, "long_repeats": args.long_repeats, "peers": peers,
+                     "budget_s": args.budget_s, "torchinductor_cache": "fresh" if inductor_dir else "given",
+                     "env": {k: os.environ.get(k) for k in ("MTIJAX_CACHE", "MTIJAX_COMPILATION_CACHE",
+                                                            "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS")}},
+        "copy_bandwidth_GBps": bandwidth / 1e9, "matmul_TFLOPS": flops / 1e12,
+        "rows": [], "skipped": [], "elapsed_s": 0.0, "finished": False,
     }
-    print(f"{report['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    header = f"{'model':<12}{'batch':>6}{'prefill':>10}{'decode':>9}{'stream':>9}{'hf pre':>9}{'hf dec':>9}" \
-             f"{'x hf':>7}{'bound':>8}{'% bound':>9}"
-    print(header)
-    batches = [int(b) for b in args.batches.split(",")]
-    for size in args.sizes.split(","):
-        config = mtijax.preset(size)
-        started = time.perf_counter()
-        # transformers first, every batch: torch hands its memory back, JAX's allocator keeps what it took
-        hf_runs = {batch: {} if args.skip_transformers else bench_transformers(
-            config, batch, args.prompt_len, args.new_tokens, max(1, args.repeats - 2)) for batch in batches}
-        print(f"  ({size}: transformers took {time.perf_counter() - started:.0f} s)", flush=True)
-        for batch in batches:
-            started = time.perf_counter()
-            hf = hf_runs[batch]
-            ours = bench_mtijax(config, batch, args.prompt_len, args.new_tokens, args.repeats)
-            print(f"  ({size} batch {batch}: mtijax took {time.perf_counter() - started:.0f} s with its compiles)",
-                  flush=True)
-            context = args.prompt_len + args.new_tokens // 2
-            bound = batch * bandwidth / bytes_per_decode_step(config, batch, context)
-            run = {"model": size, "batch": batch, "mtijax": ours, "transformers": hf,
-                   "bound_decode_tok_s": bound, "fraction_of_bound": ours["decode_tok_s"] / bound,
-                   "decode_speedup_vs_transformers": ours["decode_tok_s"] / hf["decode_tok_s"] if hf else None}
-            report["runs"].append(run)
-            print(f"{size:<12}{batch:>6}{ours['prefill_tok_s']:>10.0f}{ours['decode_tok_s']:>9.1f}"
-                  f"{ours['stream_decode_tok_s']:>9.1f}{hf.get('prefill_tok_s', float('nan')):>9.0f}"
-                  f"{hf.get('decode_tok_s', float('nan')):>9.1f}"
-                  f"{(run['decode_speedup_vs_transformers'] or float('nan')):>7.1f}{bound:>8.0f}"
-                  f"{100 * run['fraction_of_bound']:>8.0f}%", flush=True)
-            if args.out:  # after every run, so a cut-off benchmark keeps what it measured
-                with open(args.out, "w") as f:
-                    json.dump(report, f, indent=2)
+
+    def save() -> None:
+        report["elapsed_s"] = time.perf_counter() - started
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2))
+
+    print(f"{report['machine']['device']}: copy {bandwidth / 1e9:.0f} GB/s, matmul {flops / 1e12:.3g} TFLOP/s "
+          f"({dtype}); decode figures in tok/s, prefill rows in prompt tok/s", flush=True)
+    print(HEADER, flush=True)
+    try:
+        for size in args.sizes.split(","):
+            config = model_config(size)
+            state: dict = {}
+            for spec in rows_for(config, args):
+                row = {"model": size, **spec}
+                report["rows"].append(row)  # filled in place, so every save() holds what this row has so far
+                batch, prompt_len, new_tokens = spec["batch"], spec["prompt_len"], spec["new_tokens"]
+                repeats = args.repeats if spec["kind"] == "decode" else args.long_repeats
+                if spec["kind"] == "prefill":
+                    row["bound"] = {"prefill_tok_s": batch * prompt_len / (prefill_flops(config, batch, prompt_len)
+                                                                           / flops),
+                                    "flops": prefill_flops(config, batch, prompt_len)}
+                else:
+                    row["bound"] = decode_bound(config, batch, prompt_len, new_tokens, itemsize, bandwidth)
+                reason = None
+                if budget.spent():
+                    reason = "budget spent"
+                elif prompt_len + new_tokens > config.max_position_embeddings:
+                    reason = f"context {prompt_len + new_tokens} exceeds the model's {config.max_position_embeddings}"
+                elif spec["kind"] == "long" and added_bytes(config, batch, prompt_len + new_tokens, itemsize) \
+                        > 0.9 * free_bytes(device):
+                    reason = (f"needs ~{added_bytes(config, batch, prompt_len + new_tokens, itemsize) / 1e9:.1f} GB "
+                              f"beyond the weights, {free_bytes(device) / 1e9:.1f} GB free")
+                names = [f"transformers_{p}" for p in peers if p != "compiled" or spec["kind"] == "prefill"]
+                for name in names + ["mtijax"]:
+                    if reason or budget.spent():
+                        row[name] = {"skipped": reason or "budget spent"}
+                        report["skipped"].append({"model": size, **spec, "who": name, "reason": row[name]["skipped"]})
+                        continue
+                    if name == "mtijax":
+                        if "params" not in state:
+                            state["params"] = mtijax.init_params(config, jax.random.key(0), jnp.dtype(dtype))
+                        row[name] = attempt(lambda: bench_mtijax(config, state["params"], batch, prompt_len,
+                                                                 new_tokens, repeats), device)
+                    else:
+                        if "torch" not in state:
+                            state["torch"] = hf_model(config, dtype, device)
+                        row[name] = attempt(lambda: bench_peer(state["torch"], config, name.split("_")[1], batch,
+                                                               prompt_len, new_tokens, repeats, device), device)
+                    save()
+                judge(row)
+                save()
+                print_row(row)
+            state.clear()
+            jax.clear_caches()
+            release(device)
+        report["finished"] = True
+        save()
+    finally:
+        if inductor_dir:
+            shutil.rmtree(inductor_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
