@@ -7,6 +7,7 @@ An architecture is a module (``mtijax.models.gemma3``, ...) that provides
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -63,7 +64,12 @@ def family(config: ModelConfig) -> ModuleType:
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32, scale: float = 0.02) -> Params:
     """Random parameters in the real shapes of ``config``'s architecture (normal, std ``scale``; norms too),
-    for tests and benchmarks."""
+    for tests and benchmarks. One compiled program draws them all."""
+    return _init_params(config, key, jnp.dtype(dtype), float(scale))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_params(config: ModelConfig, key: jax.Array, dtype: jnp.dtype, scale: float) -> Params:
     shapes = family(config).param_shapes(config)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
