@@ -77,8 +77,15 @@ class Generation(NamedTuple):
         return ids[:-1] if self.stopped[row] and not keep_stop else ids
 
 
-def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Choose one token per row from float32 ``logits [B, V]``: ``[B]`` int32."""
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling,
+           suppress_ids: Sequence[int] | jax.Array | None = None) -> jax.Array:
+    """Choose one token per row from float32 ``logits [B, V]``: ``[B]`` int32.
+
+    ``suppress_ids`` (``[n]`` ids) are never chosen: their logits are set to -inf before anything else,
+    greedy included.
+    """
+    if suppress_ids is not None:
+        logits = logits.at[..., jnp.asarray(suppress_ids, jnp.int32)].set(-jnp.inf)
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
@@ -144,26 +151,26 @@ class DecodeState(NamedTuple):
 
 
 def _prefill(config: ModelConfig, params: Params, tokens, positions, stop_ids, key, sampling: Sampling,
-             max_new_tokens: int, cache_length: int) -> DecodeState:
+             max_new_tokens: int, cache_length: int, suppress=None) -> DecodeState:
     batch = tokens.shape[0]
     cache = kv.init_cache(config.num_layers, batch, cache_length, config.num_kv_heads, config.head_dim,
                           params["embed"].dtype)
     x, cache, _ = forward_hidden(config, params, tokens, positions, cache=cache, write_index=0,
                                  unroll=UNROLL_LAYERS)
     key, sub = jax.random.split(key)
-    first = sample(unembed(config, params, x[:, -1]), sub, sampling)
+    first = sample(unembed(config, params, x[:, -1]), sub, sampling, suppress)
     out = jnp.full((batch, max_new_tokens), config.pad_token_id, jnp.int32).at[:, 0].set(first)
     return DecodeState(cache, first, jnp.isin(first, stop_ids), out, jnp.ones((batch,), jnp.int32),
                        jnp.int32(0), key)
 
 
 def _step(config: ModelConfig, params: Params, state: DecodeState, lengths, width, stop_ids,
-          sampling: Sampling) -> DecodeState:
+          sampling: Sampling, suppress=None) -> DecodeState:
     """Feed ``state.token`` (position ``lengths + step``, cache slot ``width + step``) and sample the next."""
     x, cache, _ = forward_hidden(config, params, state.token[:, None], (lengths + state.step)[:, None],
                                  cache=state.cache, write_index=width + state.step, unroll=UNROLL_LAYERS)
     key, sub = jax.random.split(state.key)
-    nxt = jnp.where(state.done, config.pad_token_id, sample(unembed(config, params, x[:, -1]), sub, sampling))
+    nxt = jnp.where(state.done, config.pad_token_id, sample(unembed(config, params, x[:, -1]), sub, sampling, suppress))
     step = state.step + 1
     return DecodeState(cache, nxt, state.done | jnp.isin(nxt, stop_ids), state.out.at[:, step].set(nxt),
                        state.count + (~state.done).astype(jnp.int32), step, key)
@@ -193,34 +200,40 @@ def prepare(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_token
 
 
 def _decode(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-            sampling: Sampling, seed: int, stop_ids: Sequence[int] | None) -> Iterator[DecodeState]:
+            sampling: Sampling, seed: int, stop_ids: Sequence[int] | None,
+            suppress_ids: Sequence[int] | None) -> Iterator[DecodeState]:
     """Prefill, then one jitted step per token; yields the state after each (not synchronised).
 
     The steps run on :func:`~mtijax.models.fused.fuse_qkv` params (one q/k/v matrix per layer, made once per
     call: a copy of the q/k/v weights lives on the device while decoding).
     """
     tokens, positions, lengths, cache_length, stops = prepare(config, prompts, max_new_tokens, stop_ids)
+    suppress = jnp.asarray(sorted(set(suppress_ids)), jnp.int32) if suppress_ids else None
     state = _prefill_jit(config, params, tokens, positions, stops, jax.random.key(seed), sampling,
-                         max_new_tokens, cache_length)
+                         max_new_tokens, cache_length, suppress)
     yield state
     if max_new_tokens > 1:
         params = fuse_qkv(params)
     lengths, width, stops = jnp.asarray(lengths), jnp.int32(tokens.shape[1]), jnp.asarray(stops)
     for _ in range(max_new_tokens - 1):
-        state = _step_jit(config, params, state, lengths, width, stops, sampling)
+        state = _step_jit(config, params, state, lengths, width, stops, sampling, suppress)
         yield state
 
 
 def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
-             sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] | None = None) -> Generation:
+             sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] | None = None,
+             suppress_ids: Sequence[int] | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids).
 
     A row stops after it produces a token in ``stop_ids`` (default: the
-    config's EOS ids; pass ``()`` to never stop early). Steps are dispatched
+    config's EOS ids; pass ``()`` to never stop early). Tokens in
+    ``suppress_ids`` are never produced (default: none; ``Model.suppress_ids``
+    is the set a text model should not emit, see ``mtijax.special_tokens``). Steps are dispatched
     without waiting for the device; every ``STOP_CHECK_EVERY`` steps the host
     looks whether all rows are done.
     """
-    for index, state in enumerate(_decode(config, params, prompts, max_new_tokens, sampling, seed, stop_ids)):
+    for index, state in enumerate(_decode(config, params, prompts, max_new_tokens, sampling, seed, stop_ids,
+                                           suppress_ids)):
         if index % STOP_CHECK_EVERY == 0 and bool(np.asarray(state.done).all()):
             break
     return Generation(np.asarray(state.out), np.asarray(state.count), np.asarray(state.done))
@@ -228,13 +241,14 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
 
 def generate_stream(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
                     max_new_tokens: int = 32, *, sampling: Sampling = Sampling(), seed: int = 0,
-                    stop_ids: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+                    stop_ids: Sequence[int] | None = None,
+                    suppress_ids: Sequence[int] | None = None) -> Iterator[np.ndarray]:
     """Like :func:`generate`, but yields each step's ``[B]`` tokens as soon as they exist.
 
     Rows that have stopped yield the pad id; iteration ends when every row
     has stopped or ``max_new_tokens`` tokens were produced.
     """
-    for state in _decode(config, params, prompts, max_new_tokens, sampling, seed, stop_ids):
+    for state in _decode(config, params, prompts, max_new_tokens, sampling, seed, stop_ids, suppress_ids):
         yield np.asarray(state.token)
         if bool(np.asarray(state.done).all()):
             return
