@@ -170,7 +170,8 @@ def _step(config: ModelConfig, params: Params, state: DecodeState, lengths, widt
     x, cache, _ = forward_hidden(config, params, state.token[:, None], (lengths + state.step)[:, None],
                                  cache=state.cache, write_index=width + state.step, unroll=UNROLL_LAYERS)
     key, sub = jax.random.split(state.key)
-    nxt = jnp.where(state.done, config.pad_token_id, sample(unembed(config, params, x[:, -1]), sub, sampling, suppress))
+    nxt = jnp.where(state.done, config.pad_token_id,
+                    sample(unembed(config, params, x[:, -1]), sub, sampling, suppress))
     step = state.step + 1
     return DecodeState(cache, nxt, state.done | jnp.isin(nxt, stop_ids), state.out.at[:, step].set(nxt),
                        state.count + (~state.done).astype(jnp.int32), step, key)
