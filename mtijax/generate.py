@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Iterator, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mtijax.config import ModelConfig
@@ -23,7 +24,8 @@ from mtijax.engine import loop
 from mtijax.engine.interventions import Interventions, check
 from mtijax.engine.ladder import Ladder, default_ladder
 from mtijax.engine.request import Request, check_token_ids, lay_out, pad_prompts, stop_tokens
-from mtijax.engine.sampling import Plain, Policy, Sampling, sample, suppress_mask
+from mtijax.engine import sampling as sampling_lib
+from mtijax.engine.sampling import Plain, Policy, Sampling, suppress_mask
 from mtijax.errors import MtijaxError
 from mtijax.models.decoder import Params
 from mtijax.models.fused import LAYOUT as FUSED, fuse_qkv
@@ -50,6 +52,14 @@ class Generation(NamedTuple):
         """Row ``row``'s generated ids (without its stop token unless ``keep_stop``)."""
         ids = self.tokens[row, : self.lengths[row]].tolist()
         return ids[:-1] if self.stopped[row] and not keep_stop else ids
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling,
+           suppress_ids: Sequence[int] | None = None) -> jax.Array:
+    """Choose one token per row from float32 ``logits [B, V]`` with one key: ``[B]`` int32. ``suppress_ids`` are
+    never chosen (their logits are -inf before anything else, greedy included)."""
+    suppress = None if suppress_ids is None else jnp.asarray(suppress_mask(logits.shape[-1], suppress_ids))
+    return sampling_lib.sample(logits, key, sampling, suppress)
 
 
 def start_run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,

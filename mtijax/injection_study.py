@@ -56,7 +56,8 @@ class Study:
         return {**dataclasses.asdict(self), "exponent": None if math.isnan(self.exponent) else self.exponent}
 
 
-def _check_alphas(alphas: Sequence[float], allow_extrapolation: bool) -> np.ndarray:
+def check_alphas(alphas: Sequence[float], allow_extrapolation: bool) -> np.ndarray:
+    """``alphas`` as a float64 array: non-empty and finite, inside [0, 1] unless ``allow_extrapolation``."""
     alphas = np.asarray(alphas, np.float64)
     if alphas.ndim != 1 or alphas.size == 0 or not np.isfinite(alphas).all():
         raise MtijaxError("alphas must be a non-empty list of finite numbers")
@@ -96,7 +97,7 @@ def run_study(student: Model, teacher: Model, spec: InjectionSpec, alphas: Seque
     if student.config.architecture != teacher.config.architecture:
         raise MtijaxError(f"cannot inject between architectures: the teacher is {teacher.config.architecture}, "
                           f"the student {student.config.architecture}")
-    alphas = _check_alphas(alphas, allow_extrapolation)
+    alphas = check_alphas(alphas, allow_extrapolation)
     triples = plan(student.params, teacher.params, spec)
     sources = sorted({student.source, teacher.source})
     sums_before = {s: file_checksums(s) for s in sources}

@@ -62,18 +62,34 @@ def write_checkpoint(model, directory: Path) -> Path:
     return directory
 
 
-@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
-def tiny(request, tmp_path_factory):
-    """``(hf_model, checkpoint_dir)`` for each tiny configuration."""
-    model = make_hf_model(request.param)
-    return model, write_checkpoint(model, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """``variant -> (hf_model, checkpoint_dir)``, each tiny configuration built once per session, on first use."""
+    built: dict[str, tuple] = {}
+
+    def get(variant: str):
+        if variant not in built:
+            model = make_hf_model(variant)
+            built[variant] = model, write_checkpoint(model, tmp_path_factory.mktemp(f"tiny-{variant}"))
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny(request, tiny_checkpoints):
+    """``(hf_model, checkpoint_dir)`` for each tiny configuration.
+
+    The parameter is function-scoped over the session's cache: a session-scoped parametrized fixture makes
+    pytest regroup the tests of every file that uses it by parameter, so files ran (and were listed in its
+    progress) three or four times, interleaved."""
+    return tiny_checkpoints(request.param)
 
 
 @pytest.fixture(scope="session")
-def tiny_gqa(tmp_path_factory):
+def tiny_gqa(tiny_checkpoints):
     """``(hf_model, checkpoint_dir)`` of the grouped-query tiny model only."""
-    model = make_hf_model("gqa")
-    return model, write_checkpoint(model, tmp_path_factory.mktemp("tiny-gqa"))
+    return tiny_checkpoints("gqa")
 
 
 def tree_checksums(directory: Path) -> dict[str, str]:
@@ -84,15 +100,17 @@ def tree_checksums(directory: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def real_model():
-    """The embedded Gemma 3 270M loaded by mtijax (float32)."""
+    """The embedded Gemma 3 270M loaded by mtijax (float32), with its tokenizer: the one load of the real model
+    in the session (every test of the real 270M shares it)."""
     from mtijax.api import load
 
     return load(progress=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def real_hf_model():
-    """The same GGUF file loaded by transformers (dequantised to float32)."""
+    """The same GGUF file loaded by transformers (dequantised to float32); module-scoped, so its memory is given
+    back after the module that compares against it."""
     from transformers import AutoModelForCausalLM
 
     from mtijax.weights.default import default_model_path
@@ -105,3 +123,28 @@ def random_prompts(seed: int, lengths, vocab: int = 256) -> list[list[int]]:
     """Token id lists of the given lengths (ids 3.. so no pad/eos/bos)."""
     rng = np.random.default_rng(seed)
     return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+def add_byte_tokenizer(directory: Path) -> Path:
+    """Save a byte-level tokenizer into a checkpoint directory (ids 3..255 are bytes 0..252; 0, 1, 2 are pad,
+    EOS and BOS, as the tiny configs say); returns the directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = bytes_to_unicode()
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{chars[b]: b + 3 for b in range(253)}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                            pad_token="<pad>").save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tiny_gqa, tmp_path_factory) -> Path:
+    """A copy of the grouped-query tiny checkpoint with a byte-level tokenizer (read-only: tests damage copies)."""
+    import shutil
+
+    return add_byte_tokenizer(Path(shutil.copytree(tiny_gqa[1], tmp_path_factory.mktemp("tok") / "tiny")))

@@ -6,20 +6,31 @@ with status 2 and print exactly one line, ``mtijax: error: ...``, that names
 what is wrong and where, without a traceback. The checkpoint on disk is
 never touched. Each broken checkpoint is a copy of the tiny grouped-query
 checkpoint, damaged in one way.
+
+The table at the end gives every subcommand the bad input a careless user
+gives it. Where the error needs only the flags, the config or the tokenizer,
+the tensor readers are made to fail (``no_weights``), so the error is shown
+to come before a weight is read.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Callable, Sequence
 
 import gguf
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from mtijax.cli import main
+from mtijax.weights.gguf_file import GGUFFile, GGUFTensor
+from mtijax.weights.safetensors_file import SafetensorsFile
 from tests.conftest import tree_checksums
 
 TENSOR = "model.layers.2.self_attn.k_proj.weight"
@@ -31,16 +42,17 @@ def generate_args(model: Path | str, *extra: str) -> list[str]:
     return ["generate", "--model", str(model), "--token-ids", "5,6,7", "--max-new-tokens", "2", *extra]
 
 
-def user_error(capsys, argv: list[str], files: Path | None = None) -> str:
-    """Run ``mtijax argv``, check it fails as a user error and leaves ``files`` as they were; the error line."""
-    before = tree_checksums(files) if files is not None else None
+def user_error(capsys, argv: list[str], files: Path | Sequence[Path] | None = None) -> str:
+    """Run ``mtijax argv``, check it fails as a user error and leaves the directories ``files`` as they were
+    (and makes no file in them); the error line."""
+    roots = [] if files is None else [files] if isinstance(files, Path) else list(files)
+    before = [tree_checksums(root) for root in roots]
     status = main(argv)
     out, err = capsys.readouterr()
     assert status == 2
     assert out == ""
     assert err.startswith("mtijax: error: ") and err.endswith("\n") and err.count("\n") == 1, err
-    if files is not None:
-        assert tree_checksums(files) == before, "the checkpoint on disk changed"
+    assert [tree_checksums(root) for root in roots] == before, "a file on disk changed"
     return err
 
 
@@ -257,11 +269,22 @@ def test_corrupt_gguf_is_named(capsys, tmp_path):
 
 
 def test_truncated_gguf_is_named(capsys, tiny_gguf, tmp_path):
+    """Cut in the tensor data: the first tensor whose data is cut is named, in plain words."""
     path = tmp_path / "truncated.gguf"
     data = tiny_gguf.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     line = user_error(capsys, generate_args(path), tmp_path)
-    assert str(path) in line and "truncated" in line
+    tensors = gguf.GGUFReader(tiny_gguf).tensors
+    first_cut = next(t for t in tensors if t.data_offset + t.n_bytes > len(data) // 2)
+    assert f"{path}: truncated at tensor {first_cut.name!r}" in line
+    assert "Error" not in line
+
+
+def test_gguf_cut_inside_its_header_is_named(capsys, tiny_gguf, tmp_path):
+    path = tmp_path / "header.gguf"
+    path.write_bytes(tiny_gguf.read_bytes()[:100])
+    line = user_error(capsys, generate_args(path), tmp_path)
+    assert f"{path}: truncated GGUF file: it ends inside its header" in line and "Error" not in line
 
 
 def test_gguf_of_another_architecture_is_named(capsys, tiny_gqa, tmp_path):
@@ -301,3 +324,248 @@ def test_info_on_a_preset_needs_no_weights(capsys):
 def test_generate_with_a_preset_says_it_has_no_weights(capsys):
     line = user_error(capsys, generate_args("gemma3-12b"))
     assert "gemma3-12b" in line and "preset without embedded weights" in line
+
+
+# --- every subcommand, given bad input -------------------------------------------------------------------------
+
+class WeightsRead(Exception):
+    """A test that must fail before the weights are read read a tensor."""
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Every tensor reader (safetensors, GGUF) raises :class:`WeightsRead`; headers can still be read."""
+    def refuse(*args, **kwargs):
+        raise WeightsRead("a tensor was read")
+
+    monkeypatch.setattr(SafetensorsFile, "get", refuse)
+    monkeypatch.setattr(SafetensorsFile, "read_into", refuse)
+    monkeypatch.setattr(GGUFFile, "read", refuse)
+    monkeypatch.setattr(GGUFTensor, "data", property(refuse))
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What the table's commands read, and the existing paths they are wrongly told to write."""
+
+    model: Path        # the tiny checkpoint, no tokenizer
+    text: Path         # the same with a byte-level tokenizer
+    gguf: Path         # the tiny model as a GGUF file
+    nan: Path          # a copy with a NaN in one tensor
+    fusion: Path       # a fusion checkpoint of the tiny model
+    narrow: Path       # a fusion checkpoint made for hidden size 32
+    file: Path         # an existing file (a wrong --out for a directory)
+    folder: Path       # an existing directory (a wrong --out for a file)
+
+    @property
+    def roots(self) -> list[Path]:
+        """Every directory whose files must not change."""
+        return [self.model, self.text, self.gguf.parent, self.nan, self.fusion, self.narrow, self.file.parent]
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_gqa, tiny_with_tokenizer, tiny_gguf, tmp_path_factory) -> Inputs:
+    from mtijax.api import load
+    from mtijax.fusion import FusionConfig, TrainConfig, init_fusion, init_train_state, save_checkpoint
+
+    work = tmp_path_factory.mktemp("bad-input")
+    nan = Path(shutil.copytree(tiny_gqa[1], work / "nan"))
+
+    def poison(tensors):
+        tensors[TENSOR][3, 4] = np.nan
+
+    rewrite_shard(nan, TENSOR, poison)
+    config = load(tiny_gqa[1], tokenizer=False, progress=False).config
+    fusion = FusionConfig.minimal(config.num_layers)
+    state = init_train_state(init_fusion(fusion, config, jax.random.key(0)), TrainConfig(steps=2))
+    save_checkpoint(work / "fusion", state, fusion, config, model=str(tiny_with_tokenizer))
+    narrow = Path(shutil.copytree(work / "fusion", work / "narrow"))
+    meta = json.loads((narrow / "fusion.json").read_text())
+    meta["base"]["hidden_size"] = 32
+    (narrow / "fusion.json").write_text(json.dumps(meta))
+    outputs = work / "outputs"
+    outputs.mkdir()
+    (outputs / "results.txt").write_text("keep me\n")
+    (outputs / "a-directory").mkdir()
+    return Inputs(tiny_gqa[1], tiny_with_tokenizer, tiny_gguf, nan, work / "fusion", narrow,
+                  outputs / "results.txt", outputs / "a-directory")
+
+
+def _gen(model: Path, *extra: str) -> list[str]:
+    return ["generate", "--model", str(model), *extra]
+
+
+LONG_PROMPT = ",".join(["5"] * 600)
+"""600 tokens: more than the tiny models' context of 512."""
+
+Case = tuple[Callable[[Inputs], list[str]], str, bool]
+CASES: dict[str, Case] = {
+    # name: (argv, a part of the error line, whether the error comes before any weight is read)
+    "generate/token-id": (lambda i: _gen(i.model, "--token-ids", "5,256,7"), "token id 256 is out of range", True),
+    "generate/negative-token-id": (lambda i: _gen(i.model, "--token-ids", "5,-1"), "token id -1", True),
+    "generate/beyond-context": (lambda i: _gen(i.model, "--token-ids", "5,6", "--max-new-tokens", "100000"),
+                                "the model's context of 512", True),
+    "generate/long-prompt": (lambda i: _gen(i.model, "--token-ids", LONG_PROMPT), "the prompt (600 tokens)", True),
+    "generate/gguf-beyond-context": (lambda i: _gen(i.gguf, "--token-ids", "5", "--max-new-tokens", "600"),
+                                     "gemma3.context_length in", True),
+    "generate/inf-temperature": (lambda i: _gen(i.model, "--token-ids", "5", "--temperature", "inf"),
+                                 "argument --temperature: must be a finite number, got inf", True),
+    "generate/nan-temperature": (lambda i: _gen(i.model, "--token-ids", "5", "--temperature", "nan"),
+                                 "must be a finite number", True),
+    "generate/top-p-zero": (lambda i: _gen(i.model, "--token-ids", "5", "--top-p", "0"), "must be in (0, 1]", True),
+    "generate/no-new-tokens": (lambda i: _gen(i.model, "--token-ids", "5", "--max-new-tokens", "0"),
+                               "argument --max-new-tokens: must be >= 1", True),
+    "generate/prompt-and-ids": (lambda i: _gen(i.model, "hi", "--token-ids", "5"), "not both", True),
+    "generate/no-prompt": (lambda i: _gen(i.model), "give a PROMPT or --token-ids", True),
+    "generate/text-without-tokenizer": (lambda i: _gen(i.model, "Hello"), "has no tokenizer", True),
+    "generate/text-beyond-context": (lambda i: _gen(i.text, "x" * 600), "the model's context of 512", True),
+    "generate/stream-flag-without-stream": (lambda i: _gen(i.model, "--token-ids", "5", "--prefetch", "2"),
+                                            "--prefetch needs --stream", True),
+    "generate/stream-memory-cap": (lambda i: _gen(i.model, "--token-ids", "5", "--stream", "--max-device-memory",
+                                                  "1KB"), "less than one layer", True),
+    "generate/stream-token-id": (lambda i: _gen(i.model, "--token-ids", "5,256", "--stream"), "token id 256", True),
+    "generate/stream-beyond-context": (lambda i: _gen(i.model, "--token-ids", "5", "--stream", "--max-new-tokens",
+                                                      "512"), "context of 512", True),
+    "generate/stream-nan": (lambda i: _gen(i.nan, "--token-ids", "5,6", "--stream", "--max-new-tokens", "2"),
+                            "contains NaN or infinite values", False),
+    "generate/nan": (lambda i: _gen(i.nan, "--token-ids", "5,6", "--max-new-tokens", "2"),
+                     "contains NaN or infinite values", False),
+    "info/missing-model": (lambda i: ["info", "--model", str(i.file.parent / "none")], "no such model", True),
+    "inject/out-is-a-file": (lambda i: ["inject", "--student", str(i.model), "--teacher", str(i.model),
+                                        "--token-ids", "5,6", "--out", str(i.file)],
+                             "exists and is not a directory", True),
+    "inject/out-under-a-file": (lambda i: ["inject", "--student", str(i.model), "--teacher", str(i.model),
+                                           "--token-ids", "5,6", "--out", str(i.file / "study")],
+                                "is a file", True),
+    "inject/alpha-outside": (lambda i: ["inject", "--student", str(i.model), "--teacher", str(i.model),
+                                        "--token-ids", "5,6", "--alphas", "0,2"], "outside [0, 1]", True),
+    "inject/layer": (lambda i: ["inject", "--student", str(i.model), "--teacher", str(i.model), "--token-ids",
+                                "5,6", "--layers", "9"], "student layer 9 is out of range", True),
+    "inject/teacher-layers": (lambda i: ["inject", "--student", str(i.model), "--teacher", str(i.model),
+                                         "--token-ids", "5,6", "--teacher-layers", "0,1"],
+                              "2 teacher layers for 1 student layers", True),
+    "inject/tensor": (lambda i: ["inject", "--student", str(i.model), "--teacher", str(i.model), "--token-ids",
+                                 "5,6", "--tensor", "attn/nope"], "matches no layer tensor", True),
+    "inject/token-id": (lambda i: ["inject", "--student", str(i.model), "--teacher", str(i.model), "--token-ids",
+                                   "5,999"], "token id 999", True),
+    "inject/no-tokenizer": (lambda i: ["inject", "--student", str(i.model), "--teacher", str(i.model)],
+                            "has no tokenizer", True),
+    "patch/no-prompts": (lambda i: ["patch", "--model", str(i.model)], "give --source or --source-ids", True),
+    "patch/no-target": (lambda i: ["patch", "--model", str(i.model), "--source-ids", "5,6"],
+                        "give --target or --target-ids", True),
+    "patch/layer": (lambda i: ["patch", "--model", str(i.model), "--source-ids", "5,6", "--target-ids", "7,8",
+                               "--v-layers", "9"], "layer 9 is out of range", True),
+    "patch/kv-layer": (lambda i: ["patch", "--model", str(i.model), "--source-ids", "5,6", "--target-ids", "7,8",
+                                  "--kv", "7"], "layer 7 is out of range", True),
+    "patch/positions": (lambda i: ["patch", "--model", str(i.model), "--source-ids", "5,6", "--target-ids", "7,8",
+                                   "--v-layers", "1", "--prompt-positions", "last:40"], "outside the prompt", True),
+    "patch/beyond-context": (lambda i: ["patch", "--model", str(i.model), "--source-ids", "5,6", "--target-ids",
+                                        "7,8", "--max-new-tokens", "1000"], "context of 512", True),
+    "patch/inf-temperature": (lambda i: ["patch", "--model", str(i.model), "--source-ids", "5", "--target-ids", "7",
+                                         "--temperature", "inf"], "must be a finite number", True),
+    "fuse-train/warmup": (lambda i: ["fuse", "train", "--model", str(i.text), "--out", str(i.folder / "f"),
+                                     "--steps", "3", "--warmup", "5"], "--warmup 5 must be below --steps 3", True),
+    "fuse-train/out-is-a-file": (lambda i: ["fuse", "train", "--model", str(i.text), "--out", str(i.file)],
+                                 "exists and is not a directory", True),
+    "fuse-train/position": (lambda i: ["fuse", "train", "--model", str(i.text), "--out", str(i.folder / "f"),
+                                       "--positions", "9"], "fusion position 9 is outside the model", True),
+    "fuse-train/component": (lambda i: ["fuse", "train", "--model", str(i.text), "--out", str(i.folder / "f"),
+                                        "--components", "prime,resonance"], "unknown fusion component", True),
+    "fuse-train/text": (lambda i: ["fuse", "train", "--model", str(i.text), "--out", str(i.folder / "f"),
+                                   "--text", str(i.folder / "none.txt")], "no such file", True),
+    "fuse-train/resume-nothing": (lambda i: ["fuse", "train", "--model", str(i.text), "--out", str(i.folder),
+                                             "--resume"], "is not a fusion checkpoint", True),
+    "fuse-train/no-tokenizer": (lambda i: ["fuse", "train", "--model", str(i.model), "--out", str(i.folder / "f")],
+                                "has no tokenizer", True),
+    "fuse-generate/no-checkpoint": (lambda i: ["fuse", "generate", "--checkpoint", str(i.folder), "--token-ids",
+                                               "5"], "is not a fusion checkpoint", True),
+    "fuse-generate/other-width": (lambda i: ["fuse", "generate", "--checkpoint", str(i.narrow), "--token-ids", "5"],
+                                  "was trained for hidden size 32", True),
+    "fuse-generate/beyond-context": (lambda i: ["fuse", "generate", "--checkpoint", str(i.fusion), "--token-ids",
+                                                "5", "--max-new-tokens", "1000"], "context of 512", True),
+    "fuse-generate/trace-png-is-a-directory": (lambda i: ["fuse", "generate", "--checkpoint", str(i.fusion),
+                                                          "--token-ids", "5", "--trace-png", str(i.folder)],
+                                               "is a directory", True),
+    "fuse-generate/inf-top-p": (lambda i: ["fuse", "generate", "--checkpoint", str(i.fusion), "--token-ids", "5",
+                                           "--top-p", "inf"], "must be a finite number", True),
+    "fuse-export/out-is-a-directory": (lambda i: ["fuse", "export", "--checkpoint", str(i.fusion), "--out",
+                                                  str(i.folder)], "is a directory", True),
+    "fuse-export/out-in-no-directory": (lambda i: ["fuse", "export", "--checkpoint", str(i.fusion), "--out",
+                                                   str(i.folder / "none" / "f.safetensors")], "does not exist", True),
+    "snn/out-is-a-file": (lambda i: ["snn", "route", "--model", str(i.model), "--token-ids", "5,6", "--out",
+                                     str(i.file)], "exists and is not a directory", True),
+    "snn/no-prompts": (lambda i: ["snn", "route", "--model", str(i.model)], "give at least one PROMPT", True),
+    "snn/ticks": (lambda i: ["snn", "route", "--model", str(i.model), "--token-ids", "5", "--ticks", "0"],
+                  "--ticks must be at least 1", True),
+    "snn/driver-layer": (lambda i: ["snn", "route", "--model", str(i.model), "--token-ids", "5,6", "--driver",
+                                    "resid:9"], "out of range", True),
+    "snn/synapses-tensor": (lambda i: ["snn", "route", "--model", str(i.model), "--token-ids", "5,6", "--synapses",
+                                       "layers/attn/nope:0"], "no tensor", True),
+    "snn/units": (lambda i: ["snn", "route", "--model", str(i.model), "--token-ids", "5,6", "--units", "65"],
+                  "has only 64 outputs", True),
+    "snn/token-id": (lambda i: ["snn", "route", "--model", str(i.model), "--token-ids", "5,999"], "token id 999",
+                     True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gives_one_line_and_changes_no_file(name, inputs, capsys, request):
+    argv_of, message, before_weights = CASES[name]
+    if before_weights:
+        request.getfixturevalue("no_weights")
+    line = user_error(capsys, argv_of(inputs), inputs.roots)
+    assert message in line, line
+
+
+def test_a_short_training_run_needs_no_warmup_flag(inputs, no_weights, capsys):
+    """``fuse train --steps 1``: the default warmup adapts (0 steps), so every check passes and the weights are
+    read next."""
+    from mtijax.fusion import TrainConfig
+
+    assert (TrainConfig(steps=1).warmup_steps, TrainConfig(steps=50).warmup_steps, TrainConfig().warmup_steps) == \
+        (0, 5, 10)
+    with pytest.raises(WeightsRead):
+        main(["fuse", "train", "--model", str(inputs.text), "--out", str(inputs.folder / "short"), "--steps", "1"])
+    assert not (inputs.folder / "short").exists()
+
+
+def test_index_entry_for_a_tensor_no_shard_holds_is_named(capsys, checkpoint):
+    """An index that lists a tensor which is in none of the shards is refused when the checkpoint is opened."""
+    index = checkpoint / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = data["weight_map"][TENSOR]
+    data["weight_map"]["model.layers.0.mlp.extra.weight"] = shard
+    index.write_text(json.dumps(data))
+    line = user_error(capsys, generate_args(checkpoint), checkpoint)
+    assert "'model.layers.0.mlp.extra.weight' is missing" in line and shard in line
+
+
+def test_every_flag_has_help_with_its_default():
+    """Each option of every subcommand has help text; a default that is a value shows in the help."""
+    from mtijax.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    for parser in parsers(build_parser()):
+        text = parser.format_help()
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{parser.prog} {action.option_strings[0]} has no help"
+            if action.default is not None and action.default is not False:
+                assert "default" in parser._get_formatter()._get_help_string(action), \
+                    f"{parser.prog} {action.option_strings[0]}: no default in its help"
+        assert "usage:" in text
+
+
+def test_generate_help_shows_defaults(capsys):
+    assert main(["generate", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for expected in ("--max-new-tokens MAX_NEW_TOKENS most tokens to generate", "(default: 32)",
+                     "(default: 1.0)", "seed of the sampling (default: 0)", "0 is greedy (default: 0.0)"):
+        assert expected in out, expected

@@ -479,9 +479,9 @@ def test_inject_refuses_a_teacher_of_another_architecture(capsys, student, olmoe
 # --- the real 270M ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gemma_270m():
-    """The embedded Gemma 3 270M (float32) with its tokenizer."""
-    return mtijax.load(progress=False)
+def gemma_270m(real_model):
+    """The embedded Gemma 3 270M (float32) with its tokenizer: the session's one load."""
+    return real_model
 
 
 @pytest.mark.slow

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
-from mtijax.arguments import MODEL_HELP, check_prompt_choice, encode_prompt, token_ids
+from mtijax.arguments import (MODEL_HELP, VERBOSE_HELP, add_sampling, check_prompt_choice, encode_prompt, non_negative,
+                              positive, token_ids)
 from mtijax.errors import MtijaxError
-
 
 
 def _csv(kind):
@@ -42,45 +43,51 @@ def add_parser(commands: Any) -> None:
 
     tr = sub.add_parser("train", help="train fusion layers (the base model stays frozen)")
     tr.add_argument("--out", required=True, help="checkpoint directory (orbax state, fusion.json, loss_curve.png)")
-    tr.add_argument("--model", default=None, help=MODEL_HELP)
-    tr.add_argument("--preset", choices=("minimal", "standard", "full"), default="standard")
+    tr.add_argument("--model", default=None, help=MODEL_HELP + " (default: gemma3-270m)")
+    tr.add_argument("--preset", choices=("minimal", "standard", "full"), default="standard",
+                    help="fused layers and components")
     tr.add_argument("--positions", type=_csv(int), default=None, help="fused layers (default: the preset's)")
     tr.add_argument("--components", type=_csv(str), default=None, help="components (default: the preset's)")
-    tr.add_argument("--mode", choices=("parallel", "sequential", "residual"), default=None)
-    tr.add_argument("--norm", choices=("output", "fusion", "none"), default=None)
+    tr.add_argument("--mode", choices=("parallel", "sequential", "residual"), default=None,
+                    help="how the fusion output joins the layer's (default: the preset's)")
+    tr.add_argument("--norm", choices=("output", "fusion", "none"), default=None,
+                    help="where the fusion layer normalises (default: the preset's)")
     tr.add_argument("--text", default=None, help="UTF-8 training text (default: Python's reference topics)")
-    tr.add_argument("--steps", type=int, default=100)
-    tr.add_argument("--batch-size", type=int, default=2)
-    tr.add_argument("--seq-len", type=int, default=128)
-    tr.add_argument("--learning-rate", type=float, default=1e-3)
-    tr.add_argument("--warmup", type=int, default=10)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--held-out-windows", type=int, default=16, help="held-out windows for perplexity")
-    tr.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at the end)")
-    tr.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (0: before/after)")
+    tr.add_argument("--steps", type=positive(int), default=100, help="optimiser steps")
+    tr.add_argument("--batch-size", type=positive(int), default=2, help="windows per step")
+    tr.add_argument("--seq-len", type=positive(int), default=128, help="tokens per window")
+    tr.add_argument("--learning-rate", type=positive(float), default=1e-3, help="peak learning rate")
+    tr.add_argument("--warmup", type=non_negative(int), default=None,
+                    help="linear warmup steps, fewer than --steps (default: a tenth of --steps, at most 10)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the fusion params' initialisation")
+    tr.add_argument("--held-out-windows", type=positive(int), default=16, help="held-out windows for perplexity")
+    tr.add_argument("--save-every", type=non_negative(int), default=0,
+                    help="also checkpoint every N steps (0: at the end only)")
+    tr.add_argument("--eval-every", type=non_negative(int), default=0,
+                    help="held-out perplexity every N steps (0: before and after only)")
     tr.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    tr.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    tr.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     tr.add_argument("--json", action="store_true", help="print the evaluation as one JSON object")
+    tr.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     gen = sub.add_parser("generate", help="generate with trained fusion layers, printing stability per step")
     gen.add_argument("prompt", nargs="?", help="prompt text (or use --token-ids)")
     gen.add_argument("--checkpoint", required=True, help="a directory written by 'mtijax fuse train'")
     gen.add_argument("--model", default=None, help=MODEL_HELP + " (default: the checkpoint's)")
     gen.add_argument("--token-ids", type=token_ids, default=None, help="comma-separated prompt token ids")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; the start with "
-                                                                     "--auto-temperature (greedy starts at 0.8)")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=positive(int), default=32,
+                     help="most tokens to generate; the prompt plus these must fit the model's context")
+    add_sampling(gen, temperature_help="sampling temperature, a finite number >= 0; 0 is greedy; with "
+                                       "--auto-temperature the starting temperature (greedy starts at 0.8)")
     gen.add_argument("--auto-temperature", action="store_true", help="temperature from the stability readings")
     gen.add_argument("--stop-on-instability", action="store_true", help="stop when the Lyapunov estimate > 0.1")
-    gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--trace-png", default=None, help="plot the stability trace to this PNG")
-    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    gen.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     ex = sub.add_parser("export", help="write a checkpoint's fusion params as one safetensors file")
-    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--checkpoint", required=True, help="a directory written by 'mtijax fuse train'")
     ex.add_argument("--out", required=True, help="the .safetensors file to write")
 
 
@@ -89,37 +96,43 @@ def run(args: argparse.Namespace) -> None:
     {"train": _train, "generate": _generate, "export": _export}[args.fuse_command](args)
 
 
-def _load(name: str | None, dtype: str, tokenizer: bool = True):
-    from mtijax.api import load
-
-    return load(name, dtype, tokenizer=tokenizer, progress=sys.stderr.isatty())
-
-
 def _train(args: argparse.Namespace) -> None:
+    """Check the flags, the fusion config against the model's config and the corpus, then read the weights
+    and train."""
+    from mtijax import progress
+    from mtijax.api import open_checkpoint
+    from mtijax.fusion import checkpoint as fusion_checkpoint
     from mtijax.fusion.config import for_model
     from mtijax.fusion.pipeline import fit, load_corpus
     from mtijax.fusion.train import TrainConfig
+    from mtijax.preflight import check_output_dir
 
-    for name in ("steps", "batch_size", "seq_len", "held_out_windows"):
-        if getattr(args, name) < 1:
-            raise MtijaxError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.save_every < 0 or args.eval_every < 0:
-        raise MtijaxError("--save-every and --eval-every must be >= 0")
-    model = _load(args.model, args.dtype)
-    if model.tokenizer is None:
-        raise MtijaxError(f"{model.source} has no tokenizer, which training on text needs")
-    changes = {k: v for k, v in (("positions", args.positions), ("components", args.components),
-                                 ("mode", args.mode), ("norm", args.norm)) if v is not None}
-    fusion = for_model(model.config, args.preset, **changes)
+    if args.warmup is not None and args.warmup >= args.steps:
+        raise MtijaxError(f"--warmup {args.warmup} must be below --steps {args.steps}: lower --warmup, or leave it "
+                          "out for a tenth of the run")
+    check_output_dir(args.out)
+    if args.resume:
+        fusion_checkpoint.read_meta(args.out)
+    if args.text is not None and not os.path.isfile(args.text):
+        raise MtijaxError(f"--text {args.text}: no such file")
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                         learning_rate=args.learning_rate, warmup_steps=args.warmup, seed=args.seed)
-    encode = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    corpus = load_corpus(encode, args.seq_len, model.config.bos_token_id, text_file=args.text,
+    show = progress.wanted(args.json, args.verbose)
+    base = open_checkpoint(args.model)
+    changes = {k: v for k, v in (("positions", args.positions), ("components", args.components),
+                                 ("mode", args.mode), ("norm", args.norm)) if v is not None}
+    fusion = for_model(base.config, args.preset, **changes)
+    tokenizer = base.tokenizer(show)
+    if tokenizer is None:
+        raise MtijaxError(f"{base.path} has no tokenizer, which training on text needs")
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    corpus = load_corpus(encode, args.seq_len, base.config.bos_token_id, text_file=args.text,
                          held_out_windows=args.held_out_windows)
+    model = base.load(args.dtype, tokenizer=tokenizer, progress=show)
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     report = fit(model.config, model.params, fusion, train, corpus, args.out, resume=args.resume,
                  model_name=args.model or "gemma3-270m", save_every=args.save_every, eval_every=args.eval_every,
-                 progress=sys.stderr.isatty(), log=log)
+                 progress=show, log=log)
     if args.json:
         print(json.dumps({**report.evaluation, "final_loss": report.history[-1]["loss"], "checkpoint": args.out}))
     else:
@@ -127,20 +140,30 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    """Check the flags, the checkpoint against the base model's config and the prompt, then read the weights and
+    generate."""
+    from mtijax import progress
+    from mtijax.api import open_checkpoint
     from mtijax.fusion import checkpoint
     from mtijax.fusion.decode import Decoding, generate_fused, stream_fused
     from mtijax.generate import Sampling
+    from mtijax.preflight import check_output_file, check_prompts
+    from mtijax.special_tokens import text_decoder
 
     check_prompt_choice(args.prompt, args.token_ids)
-    if args.max_new_tokens < 1:
-        raise MtijaxError("--max-new-tokens must be at least 1")
-    meta = checkpoint.read_meta(args.checkpoint)
-    model = _load(args.model or meta["base"].get("model"), args.dtype, tokenizer=args.token_ids is None)
-    restored = checkpoint.restore(args.checkpoint, model.config)
-    prompt_ids = encode_prompt(model, args.prompt, args.token_ids)
+    if args.trace_png:
+        check_output_file(args.trace_png, "--trace-png")
     decoding = Decoding(Sampling(args.temperature, args.top_k, args.top_p), args.auto_temperature,
                         args.stop_on_instability)
-    decode = (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)) if model.tokenizer else None
+    show = progress.wanted(args.json, args.verbose)
+    meta = checkpoint.read_meta(args.checkpoint)
+    base = open_checkpoint(args.model or meta["base"].get("model"))
+    restored = checkpoint.restore(args.checkpoint, base.config)
+    tokenizer = base.tokenizer(show) if args.token_ids is None else None
+    prompt_ids = encode_prompt(tokenizer, base.path, args.prompt, args.token_ids)
+    check_prompts(base.config, [prompt_ids], base.context_source, args.max_new_tokens)
+    model = base.load(args.dtype, tokenizer=tokenizer, progress=show)
+    decode = text_decoder(tokenizer, model.suppress_ids) if tokenizer is not None else None
     if args.json or args.trace_png:
         result = generate_fused(model.config, model.params, restored.fusion, restored.variables, [prompt_ids],
                                 args.max_new_tokens, decoding=decoding, seed=args.seed)
@@ -184,7 +207,9 @@ def _print_steps(trace: dict[str, list], ids: list[int], decode) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from mtijax.fusion import checkpoint
+    from mtijax.preflight import check_output_file
 
+    check_output_file(args.out)
     restored = checkpoint.restore(args.checkpoint)
     path = checkpoint.export_safetensors(args.out, restored.variables, restored.fusion,
                                          int(restored.meta["base"]["hidden_size"]))

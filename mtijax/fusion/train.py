@@ -32,15 +32,25 @@ from mtijax.fusion.wrapper import Variables, check_variables, fused_forward, sum
 from mtijax.models.decoder import forward
 
 
+def default_warmup(steps: int) -> int:
+    """The warmup a run of ``steps`` steps gets unless told otherwise: a tenth of the run, at most 10 steps
+    (10 for the default 100 steps, 0 for a run of 1 to 9 steps)."""
+    return min(10, steps // 10)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and loss settings (the loss weights are the original's)."""
+    """Optimisation and loss settings (the loss weights are the original's).
+
+    ``warmup_steps=None`` (the default) becomes :func:`default_warmup` of ``steps``, so a short run
+    needs no warmup flag.
+    """
 
     steps: int = 100
     batch_size: int = 2
     seq_len: int = 128
     learning_rate: float = 1e-3
-    warmup_steps: int = 10
+    warmup_steps: int | None = None
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     seed: int = 0
@@ -55,6 +65,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise MtijaxError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps is None:
+            object.__setattr__(self, "warmup_steps", default_warmup(self.steps))
         if not 0 <= self.warmup_steps < self.steps:
             raise MtijaxError(f"warmup steps must be in [0, steps), got {self.warmup_steps} of {self.steps}")
         if not self.learning_rate > 0:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from mtijax.arguments import MODEL_HELP, token_ids
+from mtijax.arguments import MODEL_HELP, VERBOSE_HELP, finite, non_negative, positive, token_ids
 from mtijax.errors import MtijaxError
 
 KV_CHOICES = "all, none, or comma-separated layers"
@@ -44,7 +43,7 @@ def _markers(text: str) -> tuple[str, ...]:
 def add_parser(commands) -> None:
     """Register ``patch`` on the ``mtijax`` subcommands."""
     p = commands.add_parser("patch", help="patch a source prompt's KV cache and activations into a target's generation")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--model", default=None, help=MODEL_HELP + " (default: gemma3-270m)")
     p.add_argument("--source", help="source (champion) prompt text")
     p.add_argument("--target", help="target (baseline) prompt text")
     p.add_argument("--source-ids", type=token_ids, help="source prompt as token ids, instead of text")
@@ -55,32 +54,44 @@ def add_parser(commands) -> None:
     p.add_argument("--v-layers", type=_layers, default=(), help="layers whose attn_v is patched at every decode step")
     p.add_argument("--resid-layers", type=_layers, default=(),
                    help="layers whose residual stream (resid_pre) is patched at every decode step")
-    p.add_argument("--mode", choices=("replace", "add", "interpolate"), default="replace")
-    p.add_argument("--coef", type=float, default=1.0, help="coefficient of add and interpolate")
+    p.add_argument("--mode", choices=("replace", "add", "interpolate"), default="replace",
+                   help="how the source value enters the site")
+    p.add_argument("--coef", type=finite, default=1.0, help="coefficient of add and interpolate")
     p.add_argument("--decode", choices=("last", "mean", "trajectory", "hook"), default="last",
                    help="source value at decode steps (hook: the original's hooks, which never fire)")
     p.add_argument("--prompt-positions", default=None,
                    help="also patch these prompt positions (all, last, last:16, 3:7), end-aligned")
     p.add_argument("--first-token", choices=("refeed", "recompute"), default="refeed",
                    help="refeed (the original's) or recompute the last prompt token after the cache is patched")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive(int), default=32, help="tokens generated for each run")
+    p.add_argument("--temperature", type=non_negative(float), default=0.8,
+                   help="sampling temperature of all three runs, a finite number >= 0; 0 is greedy")
+    p.add_argument("--seed", type=int, default=0, help="seed of all three runs")
     p.add_argument("--markers", type=_markers, default=None,
                    help="comma-separated markers (default: the original's 21)")
     p.add_argument("--whole-words", action="store_true", help="count markers as whole words, not substrings")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
-def _prompt(model, text: str | None, ids: list[int] | None, name: str) -> list[int]:
+def _check_choice(text: str | None, ids: list[int] | None, name: str) -> None:
     if (text is None) == (ids is None):
         raise MtijaxError(f"give --{name} or --{name}-ids (one of them)")
-    if ids is not None:
-        return ids
-    if model.tokenizer is None:
-        raise MtijaxError(f"{model.source} has no tokenizer; pass --{name}-ids")
-    return model.tokenizer(text)["input_ids"]
+
+
+def _check_plan_early(config, args: argparse.Namespace, target_length: int) -> None:
+    """The layers and prompt positions of the flags against the config and the target prompt (no weights)."""
+    from mtijax.interventions import layer_mask
+    from mtijax.patching.positions import parse_positions, span_bounds
+
+    for layers in (args.v_layers, args.resid_layers, () if isinstance(args.kv, str) else args.kv):
+        layer_mask(config.num_layers, layers)
+    if args.prompt_positions is not None:
+        lo, hi = span_bounds(parse_positions(args.prompt_positions), target_length)
+        if lo < 0 or hi > target_length or lo >= hi:
+            raise MtijaxError(f"--prompt-positions {args.prompt_positions}: tokens {lo}..{hi - 1} are outside the "
+                              f"prompt (the target has {target_length} tokens, 0..{target_length - 1})")
 
 
 def build_plan(args: argparse.Namespace):
@@ -95,24 +106,32 @@ def build_plan(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> None:
-    """Generate baseline, champion and patched; print them (or one JSON object)."""
-    from mtijax.api import load
+    """Generate baseline, champion and patched; print them (or one JSON object). Flags, prompts, layers and
+    positions are checked before the weights are read."""
+    from mtijax import progress
+    from mtijax.api import open_checkpoint
+    from mtijax.arguments import encode_prompt
     from mtijax.generate import Sampling
     from mtijax.patching.generation import Plan, generate_patched
     from mtijax.patching.measures import MARKERS, behavior_score, efficiency, next_token_kl
+    from mtijax.preflight import check_prompts
+    from mtijax.special_tokens import text_decoder
 
-    if args.max_new_tokens < 1:
-        raise MtijaxError("--max-new-tokens must be at least 1")
+    _check_choice(args.source, args.source_ids, "source")
+    _check_choice(args.target, args.target_ids, "target")
     sampling = Sampling(args.temperature)
+    show = progress.wanted(args.json, args.verbose)
+    checkpoint = open_checkpoint(args.model)
     needs_tokenizer = args.source_ids is None or args.target_ids is None
-    model = load(args.model, args.dtype, tokenizer=needs_tokenizer, progress=sys.stderr.isatty())
-    source = _prompt(model, args.source, args.source_ids, "source")
-    target = _prompt(model, args.target, args.target_ids, "target")
+    tokenizer = checkpoint.tokenizer(show) if needs_tokenizer else None
+    source = encode_prompt(tokenizer, checkpoint.path, args.source, args.source_ids, "--source-ids")
+    target = encode_prompt(tokenizer, checkpoint.path, args.target, args.target_ids, "--target-ids")
+    check_prompts(checkpoint.config, [source, target], checkpoint.context_source, args.max_new_tokens)
+    _check_plan_early(checkpoint.config, args, len(target))
     plan = build_plan(args)
     markers = args.markers or MARKERS
-
-    def decode(ids: list[int]) -> str:
-        return model.tokenizer.decode(ids, skip_special_tokens=True) if model.tokenizer else ""
+    model = checkpoint.load(args.dtype, tokenizer=tokenizer, progress=show)
+    decode = text_decoder(tokenizer, model.suppress_ids) if tokenizer is not None else (lambda ids: "")
 
     def one(prompt, source_ids, run_plan) -> tuple[dict, object]:
         gen = generate_patched(model.config, model.params, prompt, source_ids, run_plan, seeds=[args.seed],

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from mtijax.arguments import non_negative
+from mtijax.arguments import encode_prompt, non_negative
 from mtijax.errors import MtijaxError
-from mtijax.streaming.memory import parse_size
+from mtijax.streaming.memory import check_one_layer, parse_size
 
 DEFAULT_HOST_CACHE_LAYERS = 8
 DEFAULT_PREFETCH = 2
@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefetch", type=non_negative(int), default=None,
                        help=f"layers read and copied ahead of the compute (default {DEFAULT_PREFETCH}; 0: none)")
     group.add_argument("--max-device-memory", type=_size, default=None,
-                       help="refuse to start if streaming would need more device memory, e.g. 4GB or 512MiB")
+                       help="refuse to start if streaming would need more device memory, e.g. 4GB or 512MiB "
+                            "(default: no cap); checked before any layer is read")
 
 
 def wants_streaming(args: argparse.Namespace) -> bool:
@@ -52,20 +53,24 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     return args.stream
 
 
-def run(args: argparse.Namespace, sampling) -> None:
-    """Generate with the layers streamed; print the text, then the stream report."""
+def run(args: argparse.Namespace, sampling, show_progress: bool = False) -> None:
+    """Generate with the layers streamed; print the text, then the stream report.
+
+    The store (headers only), the device-memory cap, the tokenizer and the prompt are checked before any layer
+    is read.
+    """
+    from mtijax.api import Checkpoint
+    from mtijax.preflight import check_prompts
+    from mtijax.special_tokens import text_decoder
     from mtijax.streaming.runner import StreamedModel
     from mtijax.streaming.store import LayerStore
-    from mtijax.tokenizer import load_gguf_tokenizer, load_hf_tokenizer
 
     store = LayerStore(args.model, args.dtype)
-    tokenizer = None
-    if args.token_ids is None:
-        path = Path(store.location)
-        tokenizer = load_hf_tokenizer(path) if path.is_dir() else load_gguf_tokenizer(store.source)
-        if tokenizer is None:
-            raise MtijaxError(f"{store.location} has no tokenizer; pass --token-ids instead of a prompt")
-    prompt_ids = args.token_ids if tokenizer is None else tokenizer(args.prompt)["input_ids"]
+    check_one_layer(args.max_device_memory, store.resident_nbytes, store.layer_nbytes)
+    checkpoint = Checkpoint(Path(store.location), store.config, store.source)
+    tokenizer = checkpoint.tokenizer(show_progress) if args.token_ids is None else None
+    prompt_ids = encode_prompt(tokenizer, store.location, args.prompt, args.token_ids)
+    check_prompts(store.config, [prompt_ids], checkpoint.context_source, args.max_new_tokens)
     host_cache = DEFAULT_HOST_CACHE_LAYERS if args.host_cache_layers is None else args.host_cache_layers
     prefetch = DEFAULT_PREFETCH if args.prefetch is None else args.prefetch
     start = time.perf_counter()
@@ -75,11 +80,13 @@ def run(args: argparse.Namespace, sampling) -> None:
         stats = model.stats()
     elapsed = time.perf_counter() - start
     ids = generation.ids(0)
-    text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
+    decode = text_decoder(tokenizer, checkpoint.suppress_ids(tokenizer), args.show_special) \
+        if tokenizer is not None else None
+    text = decode(ids) if decode is not None else ""
     if args.json:
         print(json.dumps({"model": store.location, "prompt_ids": list(prompt_ids), "ids": ids, "text": text,
                           "seconds": round(elapsed, 3), "stream": stats.to_json()}))
         return
-    print(text if tokenizer is not None else " ".join(str(i) for i in ids))
+    print(text if decode is not None else " ".join(str(i) for i in ids))
     for line in stats.lines():
         print(f"stream: {line}", file=sys.stderr)

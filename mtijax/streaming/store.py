@@ -5,6 +5,10 @@ fills which leaf, in which file (a Hugging Face checkpoint's layers are often
 split across shards; see :meth:`LayerStore.layer_files`), and checks every
 tensor's presence and shape, so a bad checkpoint fails before any work.
 
+The first read of each tensor checks that it is finite, as the resident loader does
+(:func:`mtijax.weights.loader.check_finite`), so a NaN in a checkpoint stops a streamed run with the
+same error line as ``mtijax.load``; later reads of the same bytes are not checked again.
+
 A layer is read into host arrays of the compute dtype **in the file's layout**:
 matrices stay ``[out, in]`` as stored (``[E, out, in]`` for stacked experts),
 so reading is a plain copy from the page cache (``pread`` into the array, or
@@ -29,7 +33,7 @@ from mtijax.config import ModelConfig, OlmoeConfig, read_hf_config
 from mtijax.errors import MtijaxError
 from mtijax.models.decoder import family
 from mtijax.weights.gguf_file import GGUFFile
-from mtijax.weights.loader import numpy_dtype
+from mtijax.weights.loader import check_finite, check_shape, numpy_dtype
 from mtijax.weights.names import TensorSlot, slots
 from mtijax.weights.sources import HFDirectory
 
@@ -126,6 +130,7 @@ class LayerStore:
         self.leaves = layer_leaves(self.config, self.format)
         self._leaf = {leaf.path: leaf for leaf in self.leaves}
         self._layers: list[list[_Record]] = [[] for _ in range(self.config.num_layers)]
+        self._checked: set[tuple[str, tuple[int, ...]]] = set()
         self._resident: list[_Record] = []
         for slot in slots(self.config, self.format):
             record = self._index(slot)
@@ -218,10 +223,7 @@ class LayerStore:
             leaf, where = slot.path, ()
             shape = tuple(family(self.config).param_shapes(self.config)[slot.path[0]])
             shape = shape[::-1] if slot.transpose else shape
-        got = tuple(self.source.shape(slot))
-        if got != tuple(shape):
-            raise MtijaxError(f"shape mismatch: {self.source.describe(slot)} has shape {list(got)}, "
-                              f"expected {list(shape)} for this config")
+        check_shape(self.source, slot, self.source.shape(slot), shape)
         if isinstance(self.source, HFDirectory):
             name, shard = self.source.locate(slot)
             if shard.entries[name][0].kind != "f" and shard.entries[name][0] != np.dtype("bfloat16"):
@@ -231,7 +233,18 @@ class LayerStore:
         return _Record(slot, leaf, where, str(self.source.path), int(tensor.n_bytes))
 
     def _read(self, record: _Record, target: np.ndarray) -> None:
-        """Fill ``target`` (file layout, compute dtype) with ``record``'s tensor."""
+        """Fill ``target`` (file layout, compute dtype) with ``record``'s tensor, checked on its first read."""
+        self._fill(record, target)
+        self._check_once(record.slot, target)
+
+    def _check_once(self, slot: TensorSlot, value: np.ndarray) -> None:
+        """The resident loader's finiteness check, once per tensor (or per expert of a stacked GGUF tensor)."""
+        key = (slot.name, slot.index)
+        if key not in self._checked:
+            check_finite(self.source, slot, value)
+            self._checked.add(key)
+
+    def _fill(self, record: _Record, target: np.ndarray) -> None:
         if isinstance(self.source, HFDirectory):
             name, shard = self.source.locate(record.slot)
             stored_dtype = shard.entries[name][0]
@@ -249,6 +262,7 @@ class LayerStore:
         self._check_gguf_size(record.slot)
         tensor = self.source.tensors[record.slot.name]
         target[...] = gguf.quants.dequantize(tensor.data[expert], tensor.tensor_type).reshape(target.shape)
+        self._check_once(record.slot._replace(index=(*record.slot.index, expert)), target)
 
     def _check_gguf_size(self, slot: TensorSlot) -> None:
         """A GGUF file is memory-mapped: refuse to touch a tensor past its current end (which would crash)."""

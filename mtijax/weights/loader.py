@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
 from mtijax.models.decoder import family
-from mtijax.weights.names import slots
+from mtijax.weights.names import TensorSlot, slots
 from mtijax.weights.sources import TensorSource
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -33,14 +33,28 @@ def _leaf(tree: dict, path: tuple[str, ...]) -> Any:
     return tree
 
 
+def check_shape(source: TensorSource, slot: TensorSlot, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    """Raise :class:`MtijaxError` naming the tensor and its file when its stored shape ``got`` is not ``want``."""
+    if tuple(got) != tuple(want):
+        raise MtijaxError(f"shape mismatch: {source.describe(slot)} has shape {list(got)}, "
+                          f"expected {list(want)} for this config")
+
+
+def check_finite(source: TensorSource, slot: TensorSlot, value: np.ndarray) -> None:
+    """Raise :class:`MtijaxError` naming the tensor and its file when ``value`` holds a NaN or an infinity."""
+    if not np.isfinite(value).all():
+        raise MtijaxError(f"{source.describe(slot)} contains NaN or infinite values")
+
 
 def load_params(config: ModelConfig, source: TensorSource, dtype: str = "float32",
                 progress: bool = True) -> dict[str, Any]:
     """Read every parameter of ``config`` from ``source`` into device arrays of ``dtype``.
 
     Each stored tensor is checked against the shape the config implies and
-    must be finite; the first problem raises :class:`MtijaxError` naming the
-    tensor and its file. Host memory peaks at one stacked leaf plus one tensor.
+    must be finite (:func:`check_shape`, :func:`check_finite`; the streamer's
+    store runs the same checks); the first problem raises :class:`MtijaxError`
+    naming the tensor and its file. Host memory peaks at one stacked leaf plus
+    one tensor. ``progress`` shows a tqdm bar over the tensors on stderr.
     """
     np_dtype = numpy_dtype(dtype)
     shapes = family(config).param_shapes(config)
@@ -50,13 +64,9 @@ def load_params(config: ModelConfig, source: TensorSource, dtype: str = "float32
         target = _leaf(host, slot.path)
         want = target.shape[len(slot.index):]
         stored_want = (*want[:-2], want[-1], want[-2]) if slot.transpose else want
-        got = source.shape(slot)
-        if tuple(got) != tuple(stored_want):
-            raise MtijaxError(f"shape mismatch: {source.describe(slot)} has shape {list(got)}, "
-                              f"expected {list(stored_want)} for this config")
+        check_shape(source, slot, source.shape(slot), stored_want)
         value = np.asarray(source.read(slot), dtype=np.float32)
-        if not np.isfinite(value).all():
-            raise MtijaxError(f"{source.describe(slot)} contains NaN or infinite values")
+        check_finite(source, slot, value)
         target[slot.index] = np.swapaxes(value, -1, -2) if slot.transpose else value
     return jax.tree.map(jnp.asarray, host)
 

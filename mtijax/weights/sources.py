@@ -52,7 +52,12 @@ def _shard_files(directory: Path) -> tuple[dict[str, str], list[Path]]:
 
 
 class HFDirectory:
-    """The safetensors shards of a Hugging Face model directory (lazy, memory-mapped)."""
+    """The safetensors shards of a Hugging Face model directory (lazy, memory-mapped).
+
+    Opening reads every shard's header. Each tensor is read from the shard that holds it; an index entry
+    whose shard does not hold its tensor is followed to the shard that does, and one that no shard holds
+    is an error naming the tensor.
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -61,20 +66,23 @@ class HFDirectory:
         weight_map, files = _shard_files(self.directory)
         self.files = {f.name: SafetensorsFile(f) for f in files}
         self.where: dict[str, SafetensorsFile] = {}
-        for name, shard in weight_map.items():
-            self.where[name] = self.files[shard]
         for shard in self.files.values():
             for name in shard.entries:
                 self.where.setdefault(name, shard)
+        for name, shard in weight_map.items():
+            if name not in self.where:
+                raise MtijaxError(f"tensor {name!r} is missing from {self.files[shard].path} (where "
+                                  f"model.safetensors.index.json puts it), and no other shard holds it")
+            if name in self.files[shard]:
+                self.where[name] = self.files[shard]
         self.prefix = next((p for p in HF_TEXT_PREFIXES if p + "embed_tokens.weight" in self.where), "model.")
 
     def locate(self, slot: TensorSlot) -> tuple[str, SafetensorsFile]:
         """The slot's full tensor name and the shard holding it; raises MtijaxError if it is missing."""
         name = slot.name if slot.name.startswith("lm_head.") else self.prefix + slot.name
         shard = self.where.get(name)
-        if shard is None or name not in shard:
-            place = f"{shard.path} (where the index puts it)" if shard is not None else self.location
-            raise MtijaxError(f"tensor {name!r} is missing from {place}")
+        if shard is None:
+            raise MtijaxError(f"tensor {name!r} is missing from {self.location}")
         return name, shard
 
     def shape(self, slot: TensorSlot) -> tuple[int, ...]:
