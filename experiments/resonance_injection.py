@@ -22,11 +22,7 @@ import mtijax
 import mtijax.injection_study
 import mtijax.metrics
 from mtijax.injection_study import table, write_outputs
-
-SEED_TABLE = [  # alpha, output norm, divergence (seed 000, Gemma 3 27B -> 12B, a non-faithful forward pass)
-    (0.00, 2677.11, 0.00), (0.05, 2656.39, 25.25), (0.10, 2632.94, 53.67),
-    (0.20, 2575.34, 122.98), (0.35, 2447.07, 276.53), (0.50, 2239.56, 529.65),
-]
+from seed_claims import INJECTION_TABLE as SEED_TABLE
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time", "The derivative of a constant is")
 
 
