@@ -110,6 +110,28 @@ def caption(data: dict, source: str, what: str = "Measured") -> str:
     return f"{what} on {machine(data)}; `experiments/results/{source}`."
 
 
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+@table("bench_tokenizer", "bench_tokenizer_cpu.json")
+def bench_tokenizer(b: dict) -> str:
+    """A cached load of the 262k-piece GGUF vocabulary, against transformers loading it in the same run."""
+    names = {"mtijax": "mtijax: the cached sentencepiece model",
+             "transformers_auto": "transformers: `AutoTokenizer` of its own conversion (mtijax's former cache)",
+             "transformers_backend": "transformers: `PreTrainedTokenizerFast(tokenizer_file=...)` of it"}
+    ours = b["cached_load"]["mtijax"]["median_cpu_s"]
+    rows = [[names[kind], f"{r['median_wall_s']:.2f}", f"{r['median_cpu_s']:.2f}", f"{r['median_cpu_s'] / ours:.1f}x"]
+            for kind, r in b["cached_load"].items()]
+    load = f"{b['load_average_before'][0]:.1f} and {b['load_average_after'][0]:.1f}"
+    head = (f"Measured on {machine(b)}, {b['vocabulary']:,} pieces, median of {b['repeats']} loads each in a fresh "
+            f"process (imports excluded); 1-minute load average {load} before and after, so wall times include "
+            f"waiting for a core; `experiments/results/bench_tokenizer_cpu.json`.")
+    tail = (f"Once per GGUF file: opening it took {b['open_gguf_s']:.1f} s (the `gguf` reader), converting the "
+            f"vocabulary {b['convert_mtijax_s']:.1f} s ({b['convert_transformers_s']:.1f} s for transformers' "
+            f"conversion); the two give the same ids on the probe texts: {'yes' if b['same_ids'] else '**no**'}.")
+    return "\n".join([head, "", markdown(["cached load", "wall s", "CPU s", "CPU time against mtijax's"], rows),
+                      "", tail])
+
+
 # --- seed 000: injection ---------------------------------------------------------------------------------------
 
 @table("injection", "resonance_injection/study.json")
@@ -129,6 +151,13 @@ def injection(study: dict) -> str:
                      "measured: divergence", "measured: KL (nats)", "measured: top-1 agreement",
                      "measured: greedy continuations as at alpha 0"], rows)
     lines = [head, "", body]
+    check = study["integrity"]
+    lines += ["", f"Integrity, after the sweep: checksums of {check['files']} file(s) "
+                  f"{'unchanged' if check['checksums_unchanged'] else '**changed**'}; "
+                  + (f"{check['tensors']} params leaves reloaded from disk, "
+                     f"{'all equal to' if check['arrays_unchanged'] else '**not all equal to**'} those loaded before; "
+                     if "arrays_unchanged" in check else "tensors not reloaded (an older run); ")
+                  + f"probe difference {check['probe_diff']:g}."]
     texts = study["rows"][-1].get("texts")
     if texts:
         lines += ["", f"The {len(texts)} continuations at alpha {study['rows'][-1]['alpha']:.2f} "
@@ -346,22 +375,29 @@ def fusion_perplexity(results: dict) -> str:
 @table("fusion_gpu", "bench_fusion.json")
 def fusion_gpu(bench: dict) -> str:
     """Forward-time and device-memory overhead per preset and size, against the seed's +5/15/25% and +2/5/8%."""
+    def gb(value: int | None) -> str:
+        return "n/a" if value is None else f"{value / 1e9:.2f}"
+
+    def change(value: float | None) -> str:
+        return "n/a" if value is None else signed_pct(value)
+
     rows = []
     for r in bench["runs"]:
-        for preset in ("minimal", "standard", "full"):
-            p = r["presets"][preset]
+        base = r["base"]
+        for preset, p in r["presets"].items():
             rows.append([MODEL_NAMES.get(r["size"], r["size"]), preset, ", ".join(map(str, p["positions"])),
-                         f"{p['fusion_parameters']:,}", f"{1e3 * r['base']['seconds']:.2f}",
-                         f"{1e3 * p['seconds']:.2f}", signed_pct(p["time_overhead"]),
-                         signed_pct(p["identity_time_overhead"]), signed_pct(FUSION_TIME_OVERHEAD[preset]),
-                         f"{r['base']['peak_bytes'] / 1e9:.2f}", f"{p['peak_bytes'] / 1e9:.2f}",
-                         signed_pct(p["memory_overhead"]), signed_pct(FUSION_MEMORY_OVERHEAD[preset])])
-    head = (f"Measured on {machine(bench)}, {bench['dtype']} random weights, forward to logits of "
-            f"{bench['batch']} x {bench['seq_len']} tokens, median of {bench['repeats']} timed runs each; peak "
-            f"device memory from {bench['memory_source']}; `experiments/results/bench_fusion.json`.")
+                         f"{p['fusion_parameters']:,}", duration(base["seconds"]), duration(p["seconds"]),
+                         signed_pct(p["time_overhead"]), signed_pct(p["identity_time_overhead"]),
+                         signed_pct(FUSION_TIME_OVERHEAD[preset]), gb(base["peak_bytes"]), gb(p["peak_bytes"]),
+                         change(p["memory_overhead"]), change(p["accounted_memory_overhead"]),
+                         signed_pct(FUSION_MEMORY_OVERHEAD[preset])])
+    head = (f"Measured on {machine(bench)}, {bench['dtype']} random weights, forward to logits of {bench['batch']} x "
+            f"{bench['seq_len']} tokens, median of {bench['repeats']} interleaved runs; peak device memory: "
+            f"{bench['memory_source']}; \"accounted\" is XLA's memory analysis of the compiled forward (arguments, "
+            "outputs, temporaries); `experiments/results/bench_fusion.json`.")
     return "\n".join([head, "", markdown(
-        ["model", "preset", "positions", "fusion params", "base ms", "fused ms", "time", "identity transforms",
-         "seed: time", "base peak GB", "fused peak GB", "memory", "seed: memory"], rows)])
+        ["model", "preset", "positions", "fusion params", "base", "fused", "time", "identity transforms",
+         "seed: time", "base peak GB", "fused peak GB", "memory", "accounted", "seed: memory"], rows)])
 
 
 # --- seed 001: activation patching -----------------------------------------------------------------------------
