@@ -388,13 +388,18 @@ def fusion_gpu(bench: dict) -> str:
             rows.append([MODEL_NAMES.get(r["size"], r["size"]), preset, ", ".join(map(str, p["positions"])),
                          f"{p['fusion_parameters']:,}", duration(base["seconds"]), duration(p["seconds"]),
                          signed_pct(p["time_overhead"]), signed_pct(p["identity_time_overhead"]),
-                         signed_pct(FUSION_TIME_OVERHEAD[preset]), gb(base["peak_bytes"]), gb(p["peak_bytes"]),
+                         f"+{100 * FUSION_TIME_OVERHEAD[preset]:.0f}%", gb(base["peak_bytes"]), gb(p["peak_bytes"]),
                          change(p["memory_overhead"]), change(p["accounted_memory_overhead"]),
-                         signed_pct(FUSION_MEMORY_OVERHEAD[preset])])
+                         f"+{100 * FUSION_MEMORY_OVERHEAD[preset]:.0f}%"])
     head = (f"Measured on {machine(bench)}, {bench['dtype']} random weights, forward to logits of {bench['batch']} x "
             f"{bench['seq_len']} tokens, median of {bench['repeats']} interleaved runs; peak device memory: "
             f"{bench['memory_source']}; \"accounted\" is XLA's memory analysis of the compiled forward (arguments, "
             "outputs, temporaries); `experiments/results/bench_fusion.json`.")
+    early = [r["size"] for r in bench["runs"] for v in (r["base"], *r["presets"].values())
+             if v.get("peak_is_the_forwards") is False]
+    if early:
+        head += (f" **For {', '.join(sorted(set(early)))}, the allocator's peak was reached before the forward "
+                 "(making the params), so its peak columns do not measure the forward.**")
     return "\n".join([head, "", markdown(
         ["model", "preset", "positions", "fusion params", "base", "fused", "time", "identity transforms",
          "seed: time", "base peak GB", "fused peak GB", "memory", "accounted", "seed: memory"], rows)])
