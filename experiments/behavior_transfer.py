@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import mtijax
 from mtijax.patching.study import DECODE_VARIANTS, STRATEGIES, Settings, run_study, table, write_outputs
+from machine import describe
 
 
 def format_efficiency(value: float | None) -> str:
@@ -61,6 +62,7 @@ def main() -> None:
     study = run_study(model, settings, search=not args.no_search, progress=progress)
     bar.close()
     study["seconds"] = round(time.perf_counter() - start, 1)
+    study.update(describe())
     paths = write_outputs(study, args.out)
 
     print(f"\n{model.source}: {study['num_layers']} layers; v-patch layer {study['v_layer']}, residual layer "

@@ -63,6 +63,7 @@ from mtijax.streaming import (KeywordSectors, LayerStore, StreamedModel, format_
                               write_random_checkpoint)
 
 FULL_GEMMA_LAYERS = 48
+STREAM_HOST_CACHE_LAYERS = None  # the streamed runs keep every layer in host memory (None: no LRU cap)
 SEED_CLAIM = {"text": "Gen4 NVMe (7000MB/s): ~15-20 tokens/sec (theoretical max for 27B)", "nvme_gbps": 7.0,
               "tok_s": [15.0, 20.0], "source": "seeds/004 section 5"}
 HELD_OUT = (
@@ -161,7 +162,8 @@ def measure_generation(model: StreamedModel, batch: int, prompt_len: int, new_to
 def stream(directory: Path, args, bw: dict, results: dict) -> None:
     layers = LayerStore(directory, "bfloat16").num_layers
     out = results.setdefault("stream", {})
-    model = StreamedModel(directory, "bfloat16", host_cache_layers=None, prefetch=2)
+    model = StreamedModel(directory, "bfloat16", host_cache_layers=STREAM_HOST_CACHE_LAYERS, prefetch=2)
+    out["host_cache_layers"] = STREAM_HOST_CACHE_LAYERS
     out["host_memory"] = f"{model.host.kind} ({model.host.reason})"
     prompt = prompts_of(1, args.prompt_len, model.config.vocab_size)
     model.reset_stats()

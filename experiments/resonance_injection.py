@@ -21,12 +21,9 @@ from pathlib import Path
 import mtijax
 import mtijax.injection_study
 import mtijax.metrics
+from machine import describe
 from mtijax.injection_study import table, write_outputs
-
-SEED_TABLE = [  # alpha, output norm, divergence (seed 000, Gemma 3 27B -> 12B, a non-faithful forward pass)
-    (0.00, 2677.11, 0.00), (0.05, 2656.39, 25.25), (0.10, 2632.94, 53.67),
-    (0.20, 2575.34, 122.98), (0.35, 2447.07, 276.53), (0.50, 2239.56, 529.65),
-]
+from seed_claims import INJECTION_TABLE as SEED_TABLE
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time", "The derivative of a constant is")
 
 
@@ -43,6 +40,9 @@ def main() -> None:
     spec = mtijax.InjectionSpec(("attn/q_proj",), (0,), (teacher_layer,), "bilinear", align_corners=False)
     prompts = [student.tokenizer(p)["input_ids"] for p in PROMPTS]
     study = mtijax.run_study(student, teacher, spec, [row[0] for row in SEED_TABLE], prompts, max_new_tokens=16)
+    study.setup.update(describe(), prompt_texts=list(PROMPTS))
+    for row in study.rows:
+        row["texts"] = [student.tokenizer.decode(ids) for ids in row["continuations"]]
     write_outputs(study, args.out)
 
     print(f"student {student.source}, layer 0 attn/q_proj <- teacher {teacher.source}, layer {teacher_layer}\n")
@@ -52,10 +52,11 @@ def main() -> None:
     seed_exp = mtijax.metrics.power_exponent([r[0] for r in SEED_TABLE], [r[2] for r in SEED_TABLE])
     print(f"\nseed 000's own table, read the same way: {mtijax.injection_study.verdict(seed_fit, seed_exp)}")
     integrity = study.integrity
-    print(f"integrity: checksums {'unchanged' if integrity['checksums_unchanged'] else 'CHANGED'}, "
-          f"probe difference {integrity['probe_diff']:g}")
-    for row, prompt in zip(study.rows[-1]["continuations"], PROMPTS):
-        print(f"alpha {study.rows[-1]['alpha']}: {prompt!r} -> {student.tokenizer.decode(row)!r}")
+    print(f"integrity: checksums {'unchanged' if integrity['checksums_unchanged'] else 'CHANGED'}, reloaded "
+          f"tensors {'unchanged' if integrity['arrays_unchanged'] else 'CHANGED'}, probe difference "
+          f"{integrity['probe_diff']}")
+    for text, prompt in zip(study.rows[-1]["texts"], PROMPTS):
+        print(f"alpha {study.rows[-1]['alpha']}: {prompt!r} -> {text!r}")
     print(f"\nwrote {args.out}")
 
 

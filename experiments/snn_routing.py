@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import mtijax
 from mtijax.snn import analysis
+from machine import describe
 
 PROMPTS = {  # the seed's own prompt first in each kind, then a few more of the same kind
     "prose": ["Teaching OMLoE the language of SNN", "Spiking neurons communicate with brief electrical pulses.",
@@ -276,6 +277,7 @@ def main() -> None:
     olmoe = mtijax.load(args.olmoe) if args.olmoe else random_olmoe()
     olmoe_name = "OLMoE " + Path(args.olmoe).name if args.olmoe else "random OLMoE-shaped (no semantics)"
     results = {
+        **describe(),
         "gemma_embeddings": routing_section("Gemma 3 270M", gemma, gemma.tokenizer, "embeddings",
                                             "layers/attn/q_proj:0", args.ticks, args.nulls, out, plots=True),
         "gemma_resid8": routing_section("Gemma 3 270M", gemma, gemma.tokenizer, "resid:8", "layers/attn/q_proj:9",

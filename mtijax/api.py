@@ -30,7 +30,8 @@ class Model:
     Attributes:
       config: the hashable config (a static argument of every jitted function).
       params: the params pytree (see ``mtijax.models.gemma3``).
-      tokenizer: a ``transformers`` tokenizer, or None for checkpoints without one.
+      tokenizer: ``tokenizer(text)["input_ids"]`` and ``tokenizer.decode(ids)``: a ``transformers`` tokenizer,
+        or :class:`mtijax.tokenizer.GemmaTokenizer` for a Gemma GGUF file; None for checkpoints without one.
       source: the file or directory the weights came from.
       suppress_ids: the ids a text model should never sample (``mtijax.special_tokens``); pass them to
         ``generate(..., suppress_ids=model.suppress_ids)``. Override with ``dataclasses.replace``.

@@ -11,7 +11,9 @@ A linearity read-out fits divergence against alpha (least squares, R²) and
 the growth exponent ``p`` of ``divergence ~ alpha ** p``; the verdict calls the
 response linear when R² >= ``LINEAR_R2`` and ``|p - 1| <= LINEAR_EXPONENT_TOL``, and
 undetermined when fewer than two alphas > 0 moved the output (no exponent).
-Integrity: checkpoint checksums and a baseline probe before and after.
+Integrity (``mtijax.integrity``): before the sweep, the checksums of the student's and the teacher's
+files and their params as loaded; after it, the files read again, their params reloaded and compared
+bit for bit with the ones from before, and the baseline probe run on the reloaded student.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mtijax.api import Model
 from mtijax.errors import MtijaxError
 from mtijax.generate import generate, pad_prompts
 from mtijax.inject import InjectionSpec, inject, plan
-from mtijax.integrity import file_checksums, probe
+from mtijax.integrity import probe, snapshot, verify
 from mtijax.metrics import kl_divergence, l2_divergence, linear_fit, logit_norm, power_exponent, top1_agreement
 from mtijax.models.decoder import forward
 
@@ -99,8 +101,8 @@ def run_study(student: Model, teacher: Model, spec: InjectionSpec, alphas: Seque
                           f"the student {student.config.architecture}")
     alphas = check_alphas(alphas, allow_extrapolation)
     triples = plan(student.params, teacher.params, spec)
-    sources = sorted({student.source, teacher.source})
-    sums_before = {s: file_checksums(s) for s in sources}
+    models = [student] if teacher.source == student.source else [student, teacher]
+    snapshots = [snapshot(m.source, m.config, m.params) for m in models]
     probe_before = probe(student.config, student.params, list(prompts[0]))
 
     tokens, positions, _ = pad_prompts(prompts, student.config.pad_token_id)
@@ -119,16 +121,33 @@ def run_study(student: Model, teacher: Model, spec: InjectionSpec, alphas: Seque
                      "kl": float(kl[i]), "top1_agreement": float(top1[i]),
                      "continuations": [gen.ids(r) for r in range(len(prompts))]})
 
-    probe_after = probe(student.config, student.params, list(prompts[0]))
-    sums_after = {s: file_checksums(s) for s in sources}
     fit = linear_fit(alphas, l2)
     exponent = power_exponent(alphas, l2)
-    integrity = {"checksums_unchanged": sums_before == sums_after, "files": sum(map(len, sums_after.values())),
-                 "probe_before": probe_before, "probe_after": probe_after, "probe_diff": probe_after - probe_before}
+    integrity = _integrity(snapshots, probe_before, list(prompts[0]))
     setup = {"student": student.source, "teacher": teacher.source, "tensors": list(spec.tensors),
              "pairs": sorted({(s, t) for _, s, t in triples}), "resize": spec.resize,
              "align_corners": spec.align_corners, "prompts": [list(p) for p in prompts]}
     return Study(rows, fit, exponent, verdict(fit, exponent), integrity, setup)
+
+
+def _integrity(snapshots, probe_before: float, probe_tokens: list[int]) -> dict[str, Any]:
+    """The disk read again after the sweep (see :func:`mtijax.integrity.verify`), summed over the checkpoints;
+    the probe re-run on the student's reloaded params (None when they no longer load)."""
+    checks = [verify(s) for s in snapshots]
+    reports = [report for report, _ in checks]
+    reloaded = checks[0][1]
+    probe_after = None if reloaded is None else probe(snapshots[0].config, reloaded, probe_tokens)
+    probe_diff = None if probe_after is None else probe_after - probe_before
+    return {"checksums_unchanged": all(r["checksums_unchanged"] for r in reports),
+            "files": sum(r["files"] for r in reports),
+            "changed_files": [f for r in reports for f in r["changed_files"]],
+            "arrays_unchanged": all(r["arrays_unchanged"] for r in reports),
+            "tensors": sum(r["tensors"] for r in reports),
+            "changed_tensors": [f"{s.path}: {name}" for s, r in zip(snapshots, reports) for name in r["changed_tensors"]],
+            "max_abs_difference": max(r["max_abs_difference"] for r in reports),
+            "reload_errors": [r["reload_error"] for r in reports if r["reload_error"]],
+            "probe_before": probe_before, "probe_after": probe_after, "probe_diff": probe_diff,
+            "ok": all(r["ok"] for r in reports) and probe_diff == 0}
 
 
 def table(study: Study) -> str:

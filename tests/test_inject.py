@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -33,6 +34,7 @@ from mtijax.errors import MtijaxError
 from mtijax.generate import pad_prompts
 from mtijax.inject import InjectionSpec, inject, plan
 from mtijax.injection_study import Study, _sweep_logits, run_study, verdict, write_outputs
+from mtijax.integrity import probe, snapshot, verify
 from mtijax.metrics import linear_fit, power_exponent
 from mtijax.models.decoder import forward
 from mtijax.resize import resize
@@ -373,16 +375,66 @@ def test_an_undefined_exponent_is_written_as_null():
 
 
 def test_the_study_leaves_checkpoints_and_behaviour_untouched(student, teacher):
+    """After the sweep the study reads both checkpoints again: unchanged checksums, every reloaded tensor
+    equal to what was loaded before, and the probe on the reloaded student equal to numpy's norm of the
+    logits of the params loaded before the study."""
     s, t = student[2], teacher[2]
     before = {d: tree_checksums(d) for d in (student[1], teacher[1])}
     result = run_study(s, t, STUDY_SPEC, ALPHAS, PROMPTS, max_new_tokens=2)
     assert {d: tree_checksums(d) for d in (student[1], teacher[1])} == before
     integrity = result.integrity
-    assert integrity["checksums_unchanged"] is True
+    assert integrity["ok"] is True and integrity["checksums_unchanged"] is True and integrity["arrays_unchanged"]
     assert integrity["files"] == sum(map(len, before.values()))
+    assert integrity["tensors"] == len(jax.tree.leaves(s.params)) + len(jax.tree.leaves(t.params))
+    assert integrity["changed_files"] == [] and integrity["changed_tensors"] == []
     assert integrity["probe_diff"] == 0.0
-    assert integrity["probe_before"] == pytest.approx(np.linalg.norm(final_logits(s, s.params, PROMPTS[0])),
-                                                      rel=1e-6)
+    assert integrity["probe_after"] == pytest.approx(np.linalg.norm(final_logits(s, s.params, PROMPTS[0])),
+                                                     rel=1e-6)
+
+
+def overwrite_first_value(directory: Path, tensor: str, value: float) -> None:
+    """Write ``value`` (float32) over the first element of ``tensor`` in whichever shard of ``directory``
+    holds it; the file keeps its size and header."""
+    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = directory / index[tensor]
+    header = json.loads(shard.read_bytes()[8:8 + int.from_bytes(shard.read_bytes()[:8], "little")])
+    assert header[tensor]["dtype"] == "F32"
+    offset = 8 + int.from_bytes(shard.read_bytes()[:8], "little") + header[tensor]["data_offsets"][0]
+    with open(shard, "r+b") as f:
+        f.seek(offset)
+        f.write(np.float32(value).tobytes())
+
+
+def test_the_integrity_check_fails_when_a_checkpoint_file_changes(tiny_gqa, tmp_path):
+    """One float of layer 0's q projection changed on disk, in a copy of the checkpoint, after the snapshot:
+    that shard's checksum, that tensor and the probe on the reloaded params all report it."""
+    directory = Path(shutil.copytree(tiny_gqa[1], tmp_path / "copy"))
+    model = mtijax.load(directory, progress=False)
+    before = snapshot(model.source, model.config, model.params)
+    original = float(np.asarray(model.params["layers"]["attn"]["q_proj"])[0, 0, 0])
+    overwrite_first_value(directory, "model.layers.0.self_attn.q_proj.weight", original + 1.5)
+
+    report, reloaded = verify(before)
+    shard = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.0.self_attn.q_proj.weight"]
+    assert report["ok"] is False and report["checksums_unchanged"] is False
+    assert report["changed_files"] == [str(directory / shard)]
+    assert report["arrays_unchanged"] is False and report["changed_tensors"] == ["layers/attn/q_proj"]
+    assert report["max_abs_difference"] == pytest.approx(1.5)
+    assert float(np.asarray(reloaded["layers"]["attn"]["q_proj"])[0, 0, 0]) == pytest.approx(original + 1.5)
+    assert probe(model.config, reloaded, PROMPTS[0]) != probe(model.config, model.params, PROMPTS[0])
+
+
+def test_the_integrity_check_fails_when_a_checkpoint_no_longer_loads(tiny_gqa, tmp_path):
+    """A NaN written into a tensor makes the reload refuse the checkpoint: the check reports the error."""
+    directory = Path(shutil.copytree(tiny_gqa[1], tmp_path / "copy"))
+    model = mtijax.load(directory, progress=False)
+    before = snapshot(model.source, model.config, model.params)
+    overwrite_first_value(directory, "model.layers.1.mlp.down_proj.weight", float("nan"))
+
+    report, reloaded = verify(before)
+    assert reloaded is None and report["ok"] is False and report["arrays_unchanged"] is False
+    assert "model.layers.1.mlp.down_proj.weight" in report["reload_error"] and "NaN" in report["reload_error"]
 
 
 def test_write_outputs_writes_json_csv_and_png(study, tmp_path):
@@ -425,7 +477,7 @@ def test_inject_json_reports_rows_and_integrity(capsys, student, teacher):
     for row in report["rows"]:
         assert {"alpha", "output_norm", "divergence", "kl", "top1_agreement"} <= row.keys()
     assert (report["rows"][0]["divergence"], report["rows"][0]["top1_agreement"]) == (0.0, 1.0)
-    assert report["integrity"]["checksums_unchanged"] is True and report["integrity"]["probe_diff"] == 0
+    assert report["integrity"]["ok"] is True and report["integrity"]["probe_diff"] == 0
     assert report["setup"]["tensors"] == ["attn/q_proj"] and report["setup"]["pairs"] == [[0, 0]]
     assert [tree_checksums(d) for d in dirs] == before
 
@@ -496,5 +548,5 @@ def test_real_270m_last_query_projection_into_the_first_layer(gemma_270m):
     assert (zero["divergence"], zero["kl"], zero["top1_agreement"]) == (0.0, 0.0, 1.0)
     assert zero["continuations"][0][0] == int(final_logits(model, model.params, prompt).argmax())
     assert tenth["divergence"] > 0
-    assert result.integrity["checksums_unchanged"] is True and result.integrity["probe_diff"] == 0.0
+    assert result.integrity["ok"] is True and result.integrity["probe_diff"] == 0.0  # the GGUF dequantised again
     assert result.integrity["files"] == 1 and result.setup["student"] == str(default_model_path())

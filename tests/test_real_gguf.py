@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +23,7 @@ from mtijax.cli import main
 from mtijax.generate import generate
 from mtijax.models.decoder import forward
 from mtijax.special_tokens import text_decoder
-from mtijax.tokenizer import cache_root, load_gguf_tokenizer
+from mtijax.tokenizer import load_gguf_tokenizer
 from mtijax.weights.default import default_model_path
 
 pytestmark = pytest.mark.slow
@@ -68,27 +67,41 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(real_model, hf_tokenizer,
     assert all(ids[0] == real_model.config.bos_token_id for ids in prompt_ids)
 
 
-def test_second_tokenizer_load_is_served_from_the_disk_cache(real_model, hf_tokenizer, monkeypatch):
+def test_second_tokenizer_load_is_served_from_the_disk_cache(real_model, monkeypatch):
     """The model fixture converted the GGUF vocabulary once; loading the tokenizer again reads the saved
-    conversion under ``$MTIJAX_CACHE/tokenizers`` (no GGUF parsing) and is fast."""
-    from transformers import AutoTokenizer
+    conversion under ``$MTIJAX_CACHE/tokenizers``: no conversion runs and the GGUF file is not opened."""
+    import mtijax.tokenizer as tokenizer_module
+    from mtijax.weights.gguf_file import GGUFFile
 
-    calls = []
-    original = AutoTokenizer.from_pretrained
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached tokenizer load converted or opened the GGUF file")
 
-    def recording_from_pretrained(*args, **kwargs):
-        calls.append((args, kwargs))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", recording_from_pretrained)
+    for name in ("_convert_gemma_vocabulary", "_convert_gguf_vocabulary"):
+        monkeypatch.setattr(tokenizer_module, name, refuse)
+    monkeypatch.setattr(GGUFFile, "__init__", refuse)
     tokenizer = load_gguf_tokenizer(default_model_path())
+    assert [tokenizer(p)["input_ids"] for p in PROMPTS] == [real_model.tokenizer(p)["input_ids"] for p in PROMPTS]
 
-    cache_dir = cache_root() / "tokenizers"
-    assert cache_dir.is_dir()
-    assert len(calls) == 1 and "gguf_file" not in calls[0][1]
-    loaded_from = Path(calls[0][0][0])
-    assert loaded_from.parent == cache_dir and (loaded_from / "tokenizer_config.json").is_file()
-    assert [tokenizer(p)["input_ids"] for p in PROMPTS] == [hf_tokenizer(p)["input_ids"] for p in PROMPTS]
+
+PARITY_TEXTS = (
+    "  two leading spaces", "tabs\t\tand\n\n\nnewlines", "    indented code", "a   b    c", "trailing space ",
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "<table><tr><td>x</td></tr></table>",
+    "naïve café, 日本語, Привет, مرحبا, 🦙🦙", "\u00a0nbsp\u200bzero-width\x7fdel", "1234567890 3.14159 1e-10",
+    "x" * 40, "<bos><eos><unk><pad>", "[multimodal]", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "",
+)
+
+
+def test_tokenizer_encodes_and_decodes_as_transformers(real_model, hf_tokenizer):
+    """The cached Gemma tokenizer against transformers' own conversion of the same GGUF vocabulary:
+    whitespace runs, control and user-defined tokens, scripts and emoji; then decoding those ids, and
+    byte pieces that are not valid UTF-8."""
+    ours = real_model.tokenizer
+    for text in PARITY_TEXTS:
+        assert ours(text)["input_ids"] == hf_tokenizer(text)["input_ids"], text
+    sequences = [hf_tokenizer(t)["input_ids"] for t in PARITY_TEXTS] + [[2, 238 + 0xE6, 238 + 0x97, 106, 238 + 0xFF]]
+    for ids in sequences:
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf_tokenizer.decode(ids, skip_special_tokens=skip)
 
 
 def test_logits_and_next_token_match_transformers(real_model, real_hf_model, prompt_ids):
