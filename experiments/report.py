@@ -405,6 +405,50 @@ def fusion_gpu(bench: dict) -> str:
          "seed: time", "base peak GB", "fused peak GB", "memory", "accounted", "seed: memory"], rows)])
 
 
+# --- the generation engine --------------------------------------------------------------------------------
+
+def _seconds(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} s"
+
+
+@table("bench_compile_h200", "bench_compile_h200.json")
+def bench_compile_h200(b: dict) -> str:
+    """Seconds to the first token: cold, warm, in a second process, and what each new shape costs over warm."""
+    m = b["machine"]
+    shapes = ["prompt_300", "prompt_1000", "new_64", "new_200"]
+    rows = []
+    for name, model in b["models"].items():
+        s = model.get("summary") or {}
+        if not s.get("cold_first_token_s"):
+            continue
+        new = s.get("new_shapes") or {}
+        longest = next((k for k in new if k.startswith("prompt_") and k not in shapes), None)
+        cells = [new.get(k, {}).get("over_warm_s") for k in shapes[:2] + ([longest] if longest else [None]) + shapes[2:]]
+        rows.append([MODEL_NAMES.get(name, name), _seconds(s["cold_first_token_s"]), _seconds(s["warm_first_token_s"]),
+                     _seconds(s.get("second_process_first_token_s")),
+                     *[("skipped" if c is None else f"{c:+.2f} s") for c in cells],
+                     longest.split("_")[1] if longest else "-"])
+    head = (f"Measured on {m['device']} ({m['cpu_cores']} host cores, jax {m['jax']}), random bfloat16 weights, a "
+            "100-token prompt and 16 new tokens, greedy; a new shape's cost is its first call's first token minus "
+            "the same call repeated. Targets: cold first token at most 10 s (270M) and 30 s (12B), a new shape at "
+            "most 1 s over warm, a second process at most 3 s (270M). `experiments/results/bench_compile_h200.json`.")
+    return "\n".join([head, "", markdown(
+        ["model", "cold first token", "warm", "second process", "prompt 300", "prompt 1000", "prompt L",
+         "max_new 64", "max_new 200", "L"], rows)])
+
+
+@table("compile_levers_h200", "probe_compile_levers_12b_h200.json")
+def compile_levers_h200(b: dict) -> str:
+    """Compile time and per-token time of the decode-step forms, Gemma 3 12B shapes."""
+    rows = [[r["variant"], r["flags"], r["batch"], f"{r['compile_s']:.0f} s", f"{r['ms_per_token']:.2f} ms",
+             pct(r["fraction_of_bound"])] for r in b["runs"] if "ms_per_token" in r]
+    head = (f"Measured on {b['device']}, Gemma 3 12B shapes (random bfloat16), a {b['cache_slots']}-slot cache half "
+            "full, each variant compiled in a fresh process with no compilation cache; bound: weight bytes per token "
+            "over the copy bandwidth measured in the same run; `experiments/results/probe_compile_levers_12b_h200.json`.")
+    return "\n".join([head, "", markdown(["decode form", "XLA flags", "batch", "compile", "per token",
+                                            "of bound"], rows)])
+
+
 # --- seed 001: activation patching -----------------------------------------------------------------------------
 
 def _mean_std(row: dict, key: str) -> str:
