@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from mtijax.errors import MtijaxError
 from mtijax.weights.gguf_file import GGUFFile
@@ -255,16 +255,18 @@ def _convert_gguf_vocabulary(gguf: GGUFFile):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
-def _save(staging: Path, gguf: GGUFFile):
-    """Convert ``gguf``'s vocabulary into ``staging``; returns the tokenizer."""
+def _convert(gguf: GGUFFile) -> tuple[Any, Callable[[Path], None]]:
+    """The tokenizer of ``gguf``'s vocabulary, and how to write it into a cache directory."""
     if _is_gemma_sentencepiece(gguf):
         model, table = _convert_gemma_vocabulary(gguf)
-        (staging / SPM_MODEL).write_bytes(model)
-        (staging / SPM_TOKENS).write_text(json.dumps(table))
-        return _gemma_tokenizer(staging)
+
+        def write(directory: Path) -> None:
+            (directory / SPM_MODEL).write_bytes(model)
+            (directory / SPM_TOKENS).write_text(json.dumps(table))
+        return GemmaTokenizer(model, table["added"], table["special"], table["bos"], table["eos"], table["pad"],
+                              table["add_bos"]), write
     tokenizer = _convert_gguf_vocabulary(gguf)
-    tokenizer.save_pretrained(str(staging))
-    return tokenizer
+    return tokenizer, lambda directory: tokenizer.save_pretrained(str(directory))
 
 
 def load_gguf_tokenizer(gguf: str | Path | GGUFFile):
@@ -279,16 +281,15 @@ def load_gguf_tokenizer(gguf: str | Path | GGUFFile):
 
         return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
     gguf = gguf if isinstance(gguf, GGUFFile) else GGUFFile(path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cached.parent))
     try:
-        tokenizer = _save(staging, gguf)
+        tokenizer, write = _convert(gguf)
     except MtijaxError:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     except Exception as e:  # transformers and sentencepiece raise many kinds for an unreadable vocabulary
-        shutil.rmtree(staging, ignore_errors=True)
         raise MtijaxError(f"{path}: cannot read the tokenizer from GGUF metadata ({type(e).__name__}: {e})") from None
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cached.parent))
+    write(staging)
     try:
         staging.rename(cached)
     except OSError:  # another process cached it first

@@ -64,8 +64,17 @@ def roundtrip(value: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray
     return gguf.quants.dequantize(gguf.quants.quantize(value, qtype), qtype).reshape(value.shape)
 
 
+def llama_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """``weight [heads * H, in]`` with each head's rows reordered from halves to interleaved pairs
+    (rows ``0, H/2, 1, H/2 + 1, ...``): the layout llama.cpp's converter gives the q and k of LLaMA-style
+    models, whose RoPE rotates adjacent pairs."""
+    out, width = weight.shape
+    return weight.reshape(heads, 2, out // heads // 2, width).swapaxes(1, 2).reshape(out, width)
+
+
 def write_olmoe_gguf(path: Path, hf_config, tensors: dict[str, np.ndarray],
-                     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
+                     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+                     permute_qk: bool = False) -> Path:
     """A Hugging Face OLMoE checkpoint (``tensors`` by stored name) as a GGUF file in llama.cpp's layout.
 
     The metadata keys are those llama.cpp reads for OLMoE, plus
@@ -74,10 +83,12 @@ def write_olmoe_gguf(path: Path, hf_config, tensors: dict[str, np.ndarray],
     per-expert matrices are stacked into one ``[E, out, in]`` tensor (numpy
     order), and every matrix is stored as ``qtype``.
 
-    q and k are stored as transformers has them. This is an assumption about
-    llama.cpp, not checked against it here: its converter permutes q and k
-    only for LLaMA-style (interleaved) RoPE, and OLMoE uses NEOX-style RoPE,
-    as transformers does.
+    q and k are stored as transformers has them, as llama.cpp's converter
+    writes OLMoE: its ``OlmoeModel`` (``conversion/olmo.py``) only stacks the
+    experts, while ``OlmoModel`` beside it permutes q and k, and llama.cpp
+    runs OLMoE with NEOX-style RoPE (halves rotated, as transformers does).
+    ``permute_qk`` writes them in the LLaMA-style layout instead
+    (:func:`llama_permute`), which a loader of OLMoE files must not expect.
     """
     c = hf_config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.OLMOE, c.num_hidden_layers)
@@ -100,6 +111,8 @@ def write_olmoe_gguf(path: Path, hf_config, tensors: dict[str, np.ndarray],
     plain: dict[str, np.ndarray] = {}
     per_expert: dict[str, dict[int, np.ndarray]] = {}  # model.layers.L.mlp.experts.PROJ -> expert -> [out, in]
     for name, value in tensors.items():
+        if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+            value = llama_permute(value, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if match := expert.fullmatch(name):
             layer, index, proj = match.groups()
             per_expert.setdefault(f"model.layers.{layer}.mlp.experts.{proj}", {})[int(index)] = value

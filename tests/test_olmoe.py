@@ -317,6 +317,23 @@ def test_f32_gguf_loads_the_same_model_as_the_checkpoint(gguf_source, f32_gguf):
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)
 
 
+def test_q_and_k_are_read_in_the_layout_llama_cpp_writes_for_olmoe(gguf_source, f32_gguf, tmp_path):
+    """llama.cpp's converter stores OLMoE's q and k unpermuted: that file gives transformers' logits. The same
+    weights with q and k in the LLaMA-style layout (which llama.cpp uses for LLaMA and OLMo) do not, so the
+    check tells the two layouts apart."""
+    tokens = random_prompts(4, [10, 10])
+    with torch.no_grad():
+        expected = gguf_source.hf(torch.tensor(tokens)).logits.numpy()
+    permuted = write_olmoe_gguf(tmp_path / "permuted.gguf", gguf_source.hf.config,
+                                read_checkpoint(gguf_source.directory), permute_qk=True)
+    logits = {}
+    for name, path in (("llama.cpp", f32_gguf), ("permuted", permuted)):
+        model = mtijax.load(path, tokenizer=False, progress=False)
+        logits[name] = np.asarray(mtijax.forward(model.config, model.params, jnp.asarray(tokens)).logits)
+    np.testing.assert_allclose(logits["llama.cpp"], expected, atol=1e-4, rtol=0)
+    assert np.abs(logits["permuted"] - expected).max() > 1e-2
+
+
 def test_q8_0_gguf_matches_transformers_on_the_dequantised_weights(gguf_source, tmp_path):
     """Q8_0 changes the weights; with the same dequantised weights transformers gives the same logits."""
     from transformers import OlmoeForCausalLM

@@ -9,8 +9,11 @@ every norm weight. Hugging Face names are relative to the decoder
 the output head ``lm_head.weight``.
 
 OLMoE in GGUF stores each layer's experts stacked (``ffn_gate_exps [E, F, D]``
-in numpy order); we take llama.cpp's converter to store q and k unpermuted
-(OLMoE uses NEOX-style RoPE there, as it does in transformers).
+in numpy order), and q and k unpermuted, as transformers has them: llama.cpp's
+converter (``OlmoeModel`` in its ``conversion/olmo.py``, formerly in
+``convert_hf_to_gguf.py``) only stacks the experts, unlike its ``OlmoModel``,
+which permutes q and k for LLaMA-style RoPE, and llama.cpp runs OLMoE with
+NEOX-style RoPE, as transformers does. So q and k are read as they are.
 """
 
 from __future__ import annotations
