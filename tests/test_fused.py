@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mtijax
-from mtijax.models.fused import fuse_qkv
+from mtijax.models.fused import LAYOUT, fuse_qkv
 from tests.conftest import random_prompts, write_checkpoint
 from tests.olmoe_fixtures import make_olmoe_model
 
@@ -35,7 +35,7 @@ def test_fused_params_give_transformers_logits_and_the_same_activations(checkpoi
     hf, model = checkpoint
     tokens = np.array(random_prompts(41, [10, 10]))
     fused = fuse_qkv(model.params)
-    out = mtijax.forward(model.config, fused, jnp.asarray(tokens), capture=SITES)
+    out = mtijax.forward(model.config, fused, jnp.asarray(tokens), capture=SITES, layout=LAYOUT)
     with torch.no_grad():
         reference = hf(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(out.logits), reference, atol=1e-4, rtol=1e-4)
