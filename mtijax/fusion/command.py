@@ -166,7 +166,8 @@ def _generate(args: argparse.Namespace) -> None:
     decode = text_decoder(tokenizer, model.suppress_ids) if tokenizer is not None else None
     if args.json or args.trace_png:
         result = generate_fused(model.config, model.params, restored.fusion, restored.variables, [prompt_ids],
-                                args.max_new_tokens, decoding=decoding, seed=args.seed)
+                                args.max_new_tokens, decoding=decoding, seed=args.seed,
+                                suppress_ids=model.suppress_ids)
         ids = result.ids(0)
         if args.trace_png:
             result.trace.plot(args.trace_png, title=f"fusion stability: {args.prompt or prompt_ids}")
@@ -180,7 +181,7 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"{'step':>4}  {'token':<16} {'S':>6} {'lambda':>8} {'C':>6} {'r':>6} {'T':>6}  stable")
     for index, report in enumerate(stream_fused(model.config, model.params, restored.fusion, restored.variables,
                                                 [prompt_ids], args.max_new_tokens, decoding=decoding,
-                                                seed=args.seed)):
+                                                seed=args.seed, suppress_ids=model.suppress_ids)):
         reading = {k: float(v[0]) for k, v in report.reading.items()}
         token = int(report.tokens[0])
         text = repr(decode([token]) if decode else str(token)) if report.emitted[0] else "(stopped)"

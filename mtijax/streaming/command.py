@@ -76,7 +76,9 @@ def run(args: argparse.Namespace, sampling, show_progress: bool = False) -> None
     start = time.perf_counter()
     with StreamedModel(store, host_cache_layers=host_cache, prefetch=prefetch,
                        max_device_memory=args.max_device_memory) as model:
-        generation = model.generate([prompt_ids], args.max_new_tokens, sampling=sampling, seed=args.seed)
+        suppress = None if args.sample_special else checkpoint.suppress_ids(tokenizer)
+        generation = model.generate([prompt_ids], args.max_new_tokens, sampling=sampling, seed=args.seed,
+                                    suppress_ids=suppress)
         stats = model.stats()
     elapsed = time.perf_counter() - start
     ids = generation.ids(0)
