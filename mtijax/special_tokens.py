@@ -51,7 +51,11 @@ class AddedToken(NamedTuple):
 
 
 def tokenizer_added_tokens(tokenizer: Any) -> list[AddedToken]:
-    """The added tokens of a ``transformers`` tokenizer."""
+    """The added tokens of a tokenizer: mtijax's own Gemma tokenizer (``added_tokens()``) or a ``transformers``
+    one (``added_tokens_decoder``)."""
+    own = getattr(tokenizer, "added_tokens", None)
+    if callable(own):
+        return [AddedToken(int(i), text, bool(special)) for i, text, special in own()]
     return [AddedToken(int(i), t.content, bool(t.special)) for i, t in tokenizer.added_tokens_decoder.items()]
 
 

@@ -113,6 +113,10 @@ class GemmaTokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
+    def added_tokens(self) -> list[tuple[int, str, bool]]:
+        """``(id, text, special)`` of every added token, by id."""
+        return sorted((i, text, i in self._special) for text, i in self._added.items())
+
     def __len__(self) -> int:
         return self.vocab_size
 
