@@ -17,7 +17,7 @@ weighted ``1 / k``, averaged over valid tokens and layers. It rises when the
 gate puts probability outside ``R``.
 
 **Constants** are a dict ``{"decay", "gain", "threshold"}`` of ``[L]``
-float32, the layout of ``params["layers"]["moe"]["spiking"]``. After every
+float32, the layout of ``spiking_gate(...).params``. After every
 optimiser step they are projected back to ``decay`` in ``[0, 1]``,
 ``gain >= 0`` and ``threshold >= 1e-3``, where the gate's recurrence is the
 seed's (a leaky membrane, a positive threshold).
