@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+os.environ.setdefault("MTIJAX_COMPILATION_CACHE", "0")  # compiles stay in memory: no cross-test disk state
 os.environ.setdefault("MTIJAX_CACHE", str(Path(__file__).parent.parent / ".pytest_cache" / "mtijax"))
 
 TINY_CONFIGS = {

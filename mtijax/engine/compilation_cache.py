@@ -1,10 +1,12 @@
-"""JAX's persistent compilation cache, on by default under the mtijax cache directory.
+"""JAX's persistent compilation cache, on by default on accelerators, under the mtijax cache directory.
 
 Compiled programs are written to ``$MTIJAX_CACHE/xla`` (``MTIJAX_CACHE`` defaults to
 ``~/.cache/mtijax``), so a second process reuses the first one's compiles instead of paying them
-again. ``MTIJAX_COMPILATION_CACHE=0`` switches it off; ``MTIJAX_COMPILATION_CACHE=/some/dir`` puts it
-elsewhere. A cache directory the user set through JAX itself (``jax_compilation_cache_dir``) is left
-as it is.
+again. ``MTIJAX_COMPILATION_CACHE=0`` switches it off, ``=1`` switches it on, and ``=/some/dir`` puts it
+elsewhere. On the CPU backend it is off unless switched on: with jaxlib 0.10.2 on the CPU, writing an
+executable to the cache crashed the test suite's process (a segmentation fault inside
+``put_executable_and_time``). A cache directory the user set through JAX itself
+(``jax_compilation_cache_dir``) is left as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ def cache_directory() -> Path | None:
     """Where compiled programs go, or None when the persistent cache is switched off."""
     setting = os.environ.get("MTIJAX_COMPILATION_CACHE", "")
     if setting.lower() in ("0", "off", "false", "no"):
+        return None
+    if not setting and jax.default_backend() == "cpu":
         return None
     if setting and setting.lower() not in ("1", "on", "true", "yes"):
         return Path(setting).expanduser()
