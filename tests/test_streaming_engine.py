@@ -109,7 +109,7 @@ def test_streamed_generation_with_every_kind_of_patch_a_cache_edit_and_a_trace(g
     with StreamedModel(directory, host_cache_layers=2, prefetch=1) as streamed:
         resident, with_streaming = both_runs(model, streamed, prompts, 6, interventions=interventions)
     assert_same_run(resident, with_streaming)
-    assert with_streaming.records[0].trace["attn_out"].shape == (2, 2, 1, c.hidden_size)
+    assert with_streaming.records[0].trace["attn_out"].shape == (2, 2, c.hidden_size)
     assert not np.allclose(np.stack([r.logits for r in resident.records]), plain_logits(model, prompts, 6), **TOL)
 
 
