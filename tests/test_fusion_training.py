@@ -21,7 +21,7 @@ from mtijax.cli import main
 from mtijax.errors import MtijaxError
 from mtijax.fusion import (export_safetensors, init_fusion, init_train_state, load_safetensors, restore_checkpoint,
                            save_checkpoint, train, variables_of)
-from tests.conftest import tree_checksums
+from tests.conftest import add_byte_tokenizer, tree_checksums
 from tests.test_cli_errors import user_error
 from tests.test_fusion_model import ALL_ON, TRAIN, WINDOWS
 
@@ -105,19 +105,7 @@ def test_restore_refuses_another_base_model(model, runs, tmp_path):
 @pytest.fixture(scope="module")
 def with_tokenizer(tiny_gqa, tmp_path_factory) -> Path:
     """A copy of the tiny checkpoint with a byte-level tokenizer (ids 3..255 are bytes 0..252)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    directory = Path(shutil.copytree(tiny_gqa[1], tmp_path_factory.mktemp("fuse") / "tiny"))
-    chars = bytes_to_unicode()
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{chars[b]: b + 3 for b in range(253)}}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
-                            pad_token="<pad>").save_pretrained(directory)
-    return directory
+    return add_byte_tokenizer(Path(shutil.copytree(tiny_gqa[1], tmp_path_factory.mktemp("fuse") / "tiny")))
 
 
 @pytest.fixture(scope="module")
