@@ -145,6 +145,13 @@ class GemmaTokenizer:
         """The piece of each id, as the vocabulary spells it (``▁`` for a space)."""
         return [self._added_text.get(int(i)) or self._sp.id_to_piece(int(i)) for i in ids]
 
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
+        """The id of each piece or added token (``convert_ids_to_tokens`` inverted); one id for one string.
+        A piece the vocabulary lacks is the unknown token's id, as sentencepiece gives it."""
+        if isinstance(tokens, str):
+            return self._added[tokens] if tokens in self._added else self._sp.piece_to_id(tokens)
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """The text of ``ids``: ``▁`` becomes a space, consecutive byte pieces become their UTF-8 text (or one
         U+FFFD per byte when they are not valid UTF-8), added tokens are their own text; special tokens are

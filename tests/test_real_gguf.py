@@ -102,6 +102,8 @@ def test_tokenizer_encodes_and_decodes_as_transformers(real_model, hf_tokenizer)
     for ids in sequences:
         for skip in (False, True):
             assert ours.decode(ids, skip_special_tokens=skip) == hf_tokenizer.decode(ids, skip_special_tokens=skip)
+    pieces = ["<start_of_image>", "<unused7>", "<eos>", "▁the", "<0xE6>", "x"]
+    assert ours.convert_tokens_to_ids(pieces) == hf_tokenizer.convert_tokens_to_ids(pieces)
 
 
 def test_logits_and_next_token_match_transformers(real_model, real_hf_model, prompt_ids):
