@@ -19,10 +19,10 @@ import argparse
 from pathlib import Path
 
 import mtijax
-import mtijax.injection_study
+import mtijax.injection.study
 import mtijax.metrics
 from machine import describe
-from mtijax.injection_study import table, write_outputs
+from mtijax.injection.study import table, write_outputs
 from seed_claims import INJECTION_TABLE as SEED_TABLE
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time", "The derivative of a constant is")
 
@@ -50,7 +50,7 @@ def main() -> None:
     print(study.verdict)
     seed_fit = mtijax.metrics.linear_fit([r[0] for r in SEED_TABLE], [r[2] for r in SEED_TABLE])
     seed_exp = mtijax.metrics.power_exponent([r[0] for r in SEED_TABLE], [r[2] for r in SEED_TABLE])
-    print(f"\nseed 000's own table, read the same way: {mtijax.injection_study.verdict(seed_fit, seed_exp)}")
+    print(f"\nseed 000's own table, read the same way: {mtijax.injection.study.verdict(seed_fit, seed_exp)}")
     integrity = study.integrity
     print(f"integrity: checksums {'unchanged' if integrity['checksums_unchanged'] else 'CHANGED'}, reloaded "
           f"tensors {'unchanged' if integrity['arrays_unchanged'] else 'CHANGED'}, probe difference "

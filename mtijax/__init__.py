@@ -12,27 +12,60 @@ and ``mtijax.models.olmoe``; ``family(config)`` is the module of an architecture
 with its ``block``, ``layer_spec`` and ``param_shapes``).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from mtijax.api import Model, load, load_config
 from mtijax.config import PRESETS, Gemma3Config, ModelConfig, OlmoeConfig, preset
 from mtijax.errors import MtijaxError
 from mtijax.generate import Generation, Sampling, generate, generate_stream
-from mtijax.inject import InjectionSpec, inject
-from mtijax.injection_study import run_study
 from mtijax.interventions import SITES, Patch, layer_mask
 from mtijax.models.cache import KVCache, init_cache
 from mtijax.models.decoder import ForwardOutput, family, forward, forward_hidden, init_params
 from mtijax.models.olmoe import load_balancing_loss, router_z_loss
-from mtijax import snn  # spiking units driven by hidden states (seed 003)
-from mtijax import fusion  # resonance fusion layers on a frozen model (seed 002)
-from mtijax.streaming import LayerStore, StreamedModel  # layers streamed from disk (seeds 004, 000)
-from mtijax import patching  # capture, patch specs, KV-cache and decode-step patching (seed 001)
-from mtijax.patching import capture, generate_patched, patch_spec
+
+# The techniques load on first use (PEP 562), so that ``import mtijax`` does not import optax, orbax,
+# matplotlib or pyarrow: name -> the module that defines it (a technique package is its own module).
+_LAZY = {
+    "injection": "mtijax.injection",  # seed 000: blend teacher tensors into a student, the divergence study
+    "InjectionSpec": "mtijax.injection", "inject": "mtijax.injection", "run_study": "mtijax.injection",
+    "snn": "mtijax.snn",  # spiking units driven by hidden states (seed 003)
+    "fusion": "mtijax.fusion",  # resonance fusion layers on a frozen model (seed 002)
+    "streaming": "mtijax.streaming",  # layers streamed from disk (seeds 004, 000)
+    "LayerStore": "mtijax.streaming", "StreamedModel": "mtijax.streaming",
+    "patching": "mtijax.patching",  # capture, patch specs, KV-cache and decode-step patching (seed 001)
+    "capture": "mtijax.patching", "generate_patched": "mtijax.patching", "patch_spec": "mtijax.patching",
+}
+
+if TYPE_CHECKING:
+    from mtijax import fusion, injection, patching, snn, streaming
+    from mtijax.injection import InjectionSpec, inject, run_study
+    from mtijax.patching import capture, generate_patched, patch_spec
+    from mtijax.streaming import LayerStore, StreamedModel
+
+
+def __getattr__(name: str) -> Any:
+    """A technique package, or a name from one, imported on first access."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mtijax' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__ == f"mtijax.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Model", "load", "load_config", "PRESETS", "Gemma3Config", "OlmoeConfig", "ModelConfig", "preset", "MtijaxError",
     "Generation", "Sampling", "generate", "generate_stream", "SITES", "Patch", "layer_mask",
     "KVCache", "init_cache", "ForwardOutput", "forward", "forward_hidden", "family", "init_params",
-    "load_balancing_loss", "router_z_loss", "InjectionSpec", "inject", "run_study",
-    "snn", "StreamedModel", "LayerStore", "fusion", "patching", "capture", "patch_spec", "generate_patched",
+    "load_balancing_loss", "router_z_loss", "injection", "InjectionSpec", "inject", "run_study",
+    "snn", "streaming", "StreamedModel", "LayerStore", "fusion", "patching", "capture", "patch_spec",
+    "generate_patched",
 ]
 

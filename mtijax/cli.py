@@ -23,9 +23,10 @@ from typing import Sequence
 
 from mtijax import progress
 from mtijax.arguments import (MODEL_HELP, VERBOSE_HELP, HelpFormatter, add_sampling, check_prompt_choice,
-                              encode_prompt, float_list, int_list, positive, token_ids)
+                              encode_prompt, positive, token_ids)
 from mtijax.errors import MtijaxError
 from mtijax.fusion import command as fuse_command
+from mtijax.injection import command as inject_command
 from mtijax.streaming import command as streaming
 from mtijax.snn import command as snn_command
 from mtijax.patching import command as patch_command
@@ -68,30 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     streaming.add_arguments(gen)
 
-    inj = commands.add_parser("inject", help="blend a resized teacher tensor into a student; sweep the strength")
-    inj.add_argument("--student", default=None, help=MODEL_HELP + " (default: gemma3-270m)")
-    inj.add_argument("--teacher", default=None, help=MODEL_HELP + " (default: gemma3-270m)")
-    inj.add_argument("--tensor", action="append", default=None,
-                     help="layer tensor pattern such as attn/q_proj or 'mlp/*' (repeatable; default attn/q_proj)")
-    inj.add_argument("--layers", type=int_list, default=[0], help="student layers, e.g. 0 or 0,1,2")
-    inj.add_argument("--teacher-layers", type=int_list, default=None,
-                     help="teacher layer for each student layer (default: same index, or same relative depth)")
-    inj.add_argument("--resize", choices=("bilinear", "nearest", "pad"), default="bilinear",
-                     help="how the teacher tensor is resized to the student's shape")
-    inj.add_argument("--align-corners", action="store_true", help="bilinear with align_corners=True")
-    inj.add_argument("--alphas", type=float_list, default=[0.0, 0.05, 0.1, 0.2, 0.35, 0.5],
-                     help="blend strengths to sweep, comma-separated")
-    inj.add_argument("--allow-extrapolation", action="store_true", help="accept alphas outside [0, 1]")
-    inj.add_argument("--prompt", action="append", default=None,
-                     help="probe prompt (repeatable; default: three fixed probes)")
-    inj.add_argument("--token-ids", type=token_ids, action="append", default=None,
-                     help="probe prompt as token ids (repeatable), for checkpoints without a tokenizer")
-    inj.add_argument("--max-new-tokens", type=positive(int), default=16, help="greedy continuation length")
-    inj.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    inj.add_argument("--out", default=None, help="directory for study.json, study.csv and divergence.png")
-    inj.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    inj.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-
+    inject_command.add_parser(commands)
     snn_command.add_parser(commands)
     fuse_command.add_parser(commands)
     patch_command.add_parser(commands)
@@ -151,54 +129,6 @@ def _generate(args: argparse.Namespace) -> None:
         print(" ".join(str(i) for i in ids))
 
 
-DEFAULT_PROBES = ("The capital of France is", "def fibonacci(n):", "Once upon a time")
-
-
-def _inject(args: argparse.Namespace) -> None:
-    from mtijax.api import open_checkpoint
-    from mtijax.inject import InjectionSpec, plan
-    from mtijax.injection_study import check_alphas, run_study, table, write_outputs
-    from mtijax.preflight import abstract_params, check_output_dir, check_prompts
-
-    if args.prompt and args.token_ids:
-        raise MtijaxError("give --prompt or --token-ids, not both")
-    if args.out:
-        check_output_dir(args.out)
-    check_alphas(args.alphas, args.allow_extrapolation)
-    spec = InjectionSpec(tuple(args.tensor or ("attn/q_proj",)), tuple(args.layers),
-                         None if args.teacher_layers is None else tuple(args.teacher_layers),
-                         args.resize, args.align_corners)
-    show = progress.wanted(args.json, args.verbose)
-    student = open_checkpoint(args.student)
-    teacher = student if args.teacher == args.student else open_checkpoint(args.teacher)
-    if student.config.architecture != teacher.config.architecture:
-        raise MtijaxError(f"cannot inject between architectures: the teacher is {teacher.config.architecture}, "
-                          f"the student {student.config.architecture}")
-    plan(abstract_params(student.config), abstract_params(teacher.config), spec)
-    tokenizer = student.tokenizer(show) if not args.token_ids else None
-    if args.token_ids:
-        prompts = args.token_ids
-    elif tokenizer is None:
-        raise MtijaxError(f"{student.path} has no tokenizer; pass --token-ids")
-    else:
-        prompts = [tokenizer(p)["input_ids"] for p in (args.prompt or DEFAULT_PROBES)]
-    check_prompts(student.config, prompts, student.context_source, args.max_new_tokens)
-    student_model = student.load(args.dtype, tokenizer=tokenizer, progress=show)
-    teacher_model = student_model if teacher is student else teacher.load(args.dtype, progress=show)
-    study = run_study(student_model, teacher_model, spec, args.alphas, prompts, max_new_tokens=args.max_new_tokens,
-                      allow_extrapolation=args.allow_extrapolation)
-    if args.out:
-        write_outputs(study, args.out)
-    if args.json:
-        print(json.dumps(study.to_json()))
-        return
-    print(table(study))
-    print(study.verdict)
-    i = study.integrity
-    print(f"integrity: checksums of {i['files']} files {'unchanged' if i['checksums_unchanged'] else 'CHANGED'}; "
-          f"probe {i['probe_before']:.4f} before, {i['probe_after']:.4f} after, difference {i['probe_diff']:g}")
-
-
 def _info(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -228,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help
             return e.code if isinstance(e.code, int) else 0
-        {"generate": _generate, "inject": _inject, "info": _info, "snn": snn_command.run, "fuse": fuse_command.run,
-         "patch": patch_command.run}[args.command](args)
+        {"generate": _generate, "inject": inject_command.run, "info": _info, "snn": snn_command.run,
+         "fuse": fuse_command.run, "patch": patch_command.run}[args.command](args)
     except MtijaxError as e:
         print(f"mtijax: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

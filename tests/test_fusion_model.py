@@ -24,7 +24,7 @@ from mtijax.fusion.stability import StabilityConfig, StabilityState, update
 from mtijax.fusion.train import TrainConfig, loss_terms
 from mtijax.fusion.wrapper import check_variables
 from mtijax.generate import Sampling
-from mtijax.integrity import snapshot, verify
+from mtijax.injection.integrity import snapshot, verify
 from mtijax.models.cache import init_cache
 from mtijax.models.decoder import forward
 from tests.conftest import random_prompts

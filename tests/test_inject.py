@@ -32,12 +32,12 @@ import mtijax
 from mtijax.cli import main
 from mtijax.errors import MtijaxError
 from mtijax.generate import pad_prompts
-from mtijax.inject import InjectionSpec, inject, plan
-from mtijax.injection_study import Study, _sweep_logits, run_study, verdict, write_outputs
-from mtijax.integrity import probe, snapshot, verify
+from mtijax.injection.blend import InjectionSpec, inject, plan
+from mtijax.injection.integrity import probe, snapshot, verify
+from mtijax.injection.resize import resize
+from mtijax.injection.study import Study, _sweep_logits, run_study, verdict, write_outputs
 from mtijax.metrics import linear_fit, power_exponent
 from mtijax.models.decoder import forward
-from mtijax.resize import resize
 from tests.conftest import make_hf_model, tree_checksums, write_checkpoint
 from tests.olmoe_fixtures import make_olmoe_model
 

@@ -53,8 +53,8 @@ from mtijax.engine.request import Request, check_token_ids, lay_out
 from mtijax.engine.sampling import Plain, Policy, Sampling, suppress_mask
 from mtijax.errors import MtijaxError
 from mtijax.generate import Generation
-from mtijax.inject import InjectionSpec, plan
-from mtijax.inject import inject as blend
+from mtijax.injection.blend import InjectionSpec, plan
+from mtijax.injection.blend import inject as blend
 from mtijax.interventions import Patch, RouterHook, check_sites
 from mtijax.models import cache as kv
 from mtijax.models.decoder import ForwardOutput, ResidualTransform, family

@@ -11,7 +11,7 @@ A linearity read-out fits divergence against alpha (least squares, R²) and
 the growth exponent ``p`` of ``divergence ~ alpha ** p``; the verdict calls the
 response linear when R² >= ``LINEAR_R2`` and ``|p - 1| <= LINEAR_EXPONENT_TOL``, and
 undetermined when fewer than two alphas > 0 moved the output (no exponent).
-Integrity (``mtijax.integrity``): before the sweep, the checksums of the student's and the teacher's
+Integrity (``mtijax.injection.integrity``): before the sweep, the checksums of the student's and the teacher's
 files and their params as loaded; after it, the files read again, their params reloaded and compared
 bit for bit with the ones from before, and the baseline probe run on the reloaded student.
 """
@@ -32,8 +32,8 @@ import numpy as np
 from mtijax.api import Model
 from mtijax.errors import MtijaxError
 from mtijax.generate import generate, pad_prompts
-from mtijax.inject import InjectionSpec, inject, plan
-from mtijax.integrity import probe, snapshot, verify
+from mtijax.injection.blend import InjectionSpec, inject, plan
+from mtijax.injection.integrity import probe, snapshot, verify
 from mtijax.metrics import kl_divergence, l2_divergence, linear_fit, logit_norm, power_exponent, top1_agreement
 from mtijax.models.decoder import forward
 
@@ -131,7 +131,7 @@ def run_study(student: Model, teacher: Model, spec: InjectionSpec, alphas: Seque
 
 
 def _integrity(snapshots, probe_before: float, probe_tokens: list[int]) -> dict[str, Any]:
-    """The disk read again after the sweep (see :func:`mtijax.integrity.verify`), summed over the checkpoints;
+    """The disk read again after the sweep (see :func:`mtijax.injection.integrity.verify`), summed over the checkpoints;
     the probe re-run on the student's reloaded params (None when they no longer load)."""
     checks = [verify(s) for s in snapshots]
     reports = [report for report, _ in checks]

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mtijax.errors import MtijaxError
-from mtijax.resize import METHODS, resize
+from mtijax.injection.resize import METHODS, resize
 
 Params = dict[str, Any]
 
