@@ -7,8 +7,9 @@ plain, patched, fused and gated generation:
 - ``prefill chunk``: ``chunk`` prompt tokens attend to the cache and are written into it (a rolled layer
   scan: cheap to compile, and its cost is shared by the chunk's tokens);
 - ``start``: the cache edit, and the decode state before call 0;
-- ``decode step``: feed each row's token, sample the next, update the state (an unrolled layer scan, so
-  no per-layer weight slices are copied; the cache and state are donated).
+- ``decode step``: feed each row's token, sample the next, update the state (the cache and state are
+  donated). On accelerators its layer scan is unrolled, so no per-layer weight slices are copied; on the
+  CPU it stays rolled (:func:`decode_unroll`).
 
 They are compiled once per model, params layout, batch bucket, cache rung and intervention structure
 (:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. Steps
@@ -132,6 +133,15 @@ def start(config: ModelConfig, cache: kv.KVCache, carry: dict[int, Any], router_
                  jnp.zeros((rows,), jnp.int32), jnp.int32(0), keys, policy_state, dict(carry), router_state)
 
 
+def decode_unroll() -> bool | int:
+    """The decode step's layer-scan ``unroll``: True on accelerators, 1 (rolled) on the CPU backend.
+
+    On the CPU the rolled step compiles several times faster and also runs faster
+    (``experiments/probe_cpu_unroll.py``, whose figures the README quotes); on the H200 the unrolled step
+    is the faster one (``experiments/probe_compile_levers.py``)."""
+    return True if jax.default_backend() != "cpu" else 1
+
+
 def decode_step(config: ModelConfig, layout: str, policy: Policy, record_logits: bool, params: Params, state: State,
                 interventions: Interventions, stops: jax.Array, suppress: jax.Array | None) -> tuple[State, Record]:
     """Decode call ``state.step``: feed every row's token, choose the next (see :class:`Record`)."""
@@ -140,7 +150,7 @@ def decode_step(config: ModelConfig, layout: str, policy: Policy, record_logits:
     sites = tuple(sorted({site for site, _ in interventions.trace}))
     out = forward_hidden(config, params, state.token[:, None], state.position[:, None], cache=state.cache,
                          write_index=state.slot, patches=patches, capture=sites, transforms=transforms,
-                         router=_router(interventions.router, state.router), layout=layout, unroll=True)
+                         router=_router(interventions.router, state.router), layout=layout, unroll=decode_unroll())
     return finish(config, policy, record_logits, params, state, out.hidden[:, -1], out.cache, out.captured,
                   out.router_state, outputs, interventions, stops, suppress)
 
