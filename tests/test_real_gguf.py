@@ -30,9 +30,11 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,")
 NEW_TOKENS = 16
-HAIKU = ("Write a haiku about rivers", 8, 0.7, 3)
-"""Prompt, new tokens, temperature and seed of a run that, without suppression, starts with five
-``<start_of_image>`` (a new user's first try, with 40 new tokens, printed 22 of them)."""
+PICTURE = "Here is a picture: <start_of_image>"
+"""A prompt whose most likely next token is ``<start_of_image>`` (p = 0.13, against 0.11 for the runner-up), so
+greedy decoding picks it without suppression, whatever the sampler's random draws. (A new user's first try,
+``Write a haiku about rivers`` sampled at temperature 0.7, has p = 0.15 of it at the first step; with 40 new
+tokens it printed 22.)"""
 
 
 @pytest.fixture(scope="module")
@@ -158,19 +160,18 @@ def test_cli_generates_transformers_greedy_ids(cli_model, hf_tokenizer, prompt_i
 
 
 def test_cli_suppresses_and_hides_special_tokens(cli_model, capsys):
-    """The new user's run: with ``--sample-special`` sampling picks ``<start_of_image>`` again and again (hidden
-    from the text, shown with ``--show-special``); by default it picks none of the suppression set."""
-    prompt, new_tokens, temperature, seed = HAIKU
-    argv = ["generate", prompt, "--max-new-tokens", str(new_tokens), "--temperature", str(temperature),
-            "--seed", str(seed), "--json"]
+    """Greedy after ``PICTURE``: with ``--sample-special`` the first token is ``<start_of_image>`` (hidden from
+    the text, shown with ``--show-special``); by default no token of the suppression set is produced."""
+    argv = ["generate", PICTURE, "--max-new-tokens", "6", "--json"]
     runs = {}
     for name, extra in (("default", []), ("sampled", ["--sample-special"])):
         assert main(argv + extra) == 0
         runs[name] = json.loads(capsys.readouterr().out)
     suppressed = set(cli_model.suppress_ids)
     image = cli_model.tokenizer.convert_tokens_to_ids("<start_of_image>")
-    assert not set(runs["default"]["ids"]) & suppressed
-    assert runs["sampled"]["ids"].count(image) >= 3
+    assert image in suppressed
+    assert runs["sampled"]["ids"][0] == image
+    assert runs["default"]["ids"] and not set(runs["default"]["ids"]) & suppressed
     assert "<start_of_image>" not in runs["sampled"]["text"]
     shown = text_decoder(cli_model.tokenizer, suppressed, show_special=True)
-    assert "<start_of_image>" in shown(runs["sampled"]["ids"])
+    assert shown(runs["sampled"]["ids"]).startswith("<start_of_image>")
