@@ -18,7 +18,6 @@ import torch
 
 import mtijax
 from mtijax.cli import main
-from mtijax.config import config_from_gguf
 from mtijax.generate import Sampling
 from mtijax.patching import KVPatch, Plan, SitePatch, generate_patched
 from tests.conftest import random_prompts, tree_checksums, write_checkpoint
@@ -124,7 +123,3 @@ def test_patch_cli_runs_on_mistral(checkpoints, capsys):
     assert result["patched"]["ids"] == expected.ids(0)
     assert tree_checksums(directory) == before
 
-
-def test_llama_gguf_is_refused_clearly():
-    with pytest.raises(mtijax.MtijaxError, match="model.gguf: GGUF models of architecture 'llama' are not supported yet"):
-        config_from_gguf({"general.architecture": "llama"}, 256, "model.gguf")
