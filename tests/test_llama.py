@@ -81,7 +81,8 @@ def test_each_model_type_reads_its_variant(checkpoints):
     assert configs["mistral"].sliding_window == 5 and set(configs["mistral"].layer_types) == {"sliding_attention"}
     assert configs["qwen2"].qkv_bias and not configs["qwen2"].o_bias and configs["qwen2"].tie_word_embeddings
     assert configs["qwen3"].qk_norm and configs["qwen3"].head_dim == 32
-    assert "unembed" not in checkpoints("qwen2")[2].params and "q_bias" in checkpoints("qwen2")[2].params["layers"]["attn"]
+    qwen2 = checkpoints("qwen2")[2].params
+    assert "unembed" not in qwen2 and "q_bias" in qwen2["layers"]["attn"]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

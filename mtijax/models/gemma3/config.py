@@ -12,10 +12,11 @@ import dataclasses
 from typing import Any, Mapping
 
 from mtijax.errors import MtijaxError
+from mtijax.models.layers import FULL, SLIDING
 from mtijax.weights.fields import as_kind, checked, given, gguf_error, linear_factor, token_ids
 
-SLIDING = "sliding_attention"
-FULL = "full_attention"
+__all__ = ["FULL", "SLIDING", "Gemma3Config", "PRESETS", "HF_TEXT_DEFAULTS", "gemma3_layer_types", "from_hf",
+           "from_gguf", "summary"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from mtijax.errors import MtijaxError
-from mtijax.models.gemma3.config import FULL, SLIDING
+from mtijax.models.layers import FULL, SLIDING
 from mtijax.weights.fields import as_kind, checked, given, rope_section, rope_type, token_ids
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -174,7 +174,8 @@ def from_hf(raw: Mapping[str, Any], where: str) -> LlamaConfig:
         raise MtijaxError(f"{where}: hidden_act {raw['hidden_act']!r} is not supported (silu is)")
     if raw.get("mlp_bias"):
         raise MtijaxError(f"{where}: mlp_bias is not supported")
-    layers, hidden, heads = field(int, "num_hidden_layers"), field(int, "hidden_size"), field(int, "num_attention_heads")
+    layers, hidden = field(int, "num_hidden_layers"), field(int, "hidden_size")
+    heads = field(int, "num_attention_heads")
     window, layer_types = _window(model_type, raw, layers, where)
     attention_bias = bool(raw.get("attention_bias", False))
     eos = raw.get("eos_token_id")

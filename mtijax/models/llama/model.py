@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtijax.interventions import Sites
-from mtijax.models.gemma3.config import SLIDING
-from mtijax.models.layers import NO_WINDOW, apply_rope, attention, project_qkv, rms_norm, rope_inv_freq
+from mtijax.models.layers import NO_WINDOW, SLIDING, apply_rope, attention, project_qkv, rms_norm, rope_inv_freq
 from mtijax.models.llama.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -101,7 +100,8 @@ _AXES = {
     "v_proj": ("layers", "embed", "kv_heads"), "o_proj": ("layers", "heads", "embed"),
     "q_bias": ("layers", "heads"), "k_bias": ("layers", "kv_heads"), "v_bias": ("layers", "kv_heads"),
     "o_bias": ("layers", "embed"), "q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim"),
-    "gate_proj": ("layers", "embed", "mlp"), "up_proj": ("layers", "embed", "mlp"), "down_proj": ("layers", "mlp", "embed"),
+    "gate_proj": ("layers", "embed", "mlp"), "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
 }
 
 

@@ -89,7 +89,8 @@ def param_axes(config: OlmoeConfig) -> Params:
                      "v_proj": ("layers", "embed", "kv_heads"), "o_proj": ("layers", "heads", "embed"),
                      "q_norm": ("layers", "heads"), "k_norm": ("layers", "kv_heads")},
             "moe": {"router": ("layers", "embed", "experts"), "gate_proj": ("layers", "experts", "embed", "mlp"),
-                    "up_proj": ("layers", "experts", "embed", "mlp"), "down_proj": ("layers", "experts", "mlp", "embed")},
+                    "up_proj": ("layers", "experts", "embed", "mlp"),
+                    "down_proj": ("layers", "experts", "mlp", "embed")},
         },
         "final_norm": ("embed",),
     }
