@@ -18,6 +18,7 @@ import torch
 
 import mtijax
 from mtijax.cli import main
+from mtijax.config import config_from_hf
 from mtijax.generate import Sampling
 from mtijax.patching import KVPatch, Plan, SitePatch, generate_patched
 from tests.conftest import random_prompts, tree_checksums, write_checkpoint
@@ -124,3 +125,26 @@ def test_patch_cli_runs_on_mistral(checkpoints, capsys):
     assert result["patched"]["ids"] == expected.ids(0)
     assert tree_checksums(directory) == before
 
+
+
+@pytest.mark.parametrize("fields, window, layer_types", [
+    ({"model_type": "mistral", "sliding_window": None}, None, ("full_attention",) * 4),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}, 8,
+     ("full_attention",) * 2 + ("sliding_attention",) * 2),
+    ({"model_type": "qwen3", "use_sliding_window": False, "sliding_window": 8}, None, ("full_attention",) * 4),
+])
+def test_the_window_follows_each_model_types_rule(fields, window, layer_types):
+    config = config_from_hf({**COMMON, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             **fields})
+    assert (config.sliding_window, config.layer_types) == (window, layer_types)
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
+    ({"num_key_value_heads": 3}, "3 kv heads"),
+])
+def test_an_unsupported_config_is_named(fields, named):
+    with pytest.raises(mtijax.MtijaxError, match=f"^llama/config.json: .*{named}"):
+        config_from_hf({**COMMON, "model_type": "llama", "num_attention_heads": 4, **fields}, "llama/config.json")

@@ -164,11 +164,13 @@ def _rope(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
 def from_hf(raw: Mapping[str, Any], where: str) -> LlamaConfig:
     """A config from a ``config.json`` of model_type ``llama``, ``mistral``, ``qwen2`` or ``qwen3``.
 
-    Absent or null fields take transformers' defaults (:data:`HF_DEFAULTS`). A SiLU MLP without biases is
-    required (``mlp_bias`` and other activations are refused).
+    Absent or null fields take transformers' defaults (:data:`HF_DEFAULTS`), except a null ``sliding_window``,
+    which means no window (Mistral 7B v0.2 and later). A SiLU MLP without biases is required (``mlp_bias`` and
+    other activations are refused).
     """
     model_type = raw["model_type"]
-    raw = given(raw, HF_DEFAULTS[model_type])
+    no_window = "sliding_window" in raw and raw["sliding_window"] is None
+    raw = {**given(raw, HF_DEFAULTS[model_type]), **({"sliding_window": None} if no_window else {})}
     field = lambda kind, key: as_kind(kind, raw[key], key, where)
     if raw.get("hidden_act", "silu") != "silu":
         raise MtijaxError(f"{where}: hidden_act {raw['hidden_act']!r} is not supported (silu is)")
