@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import mtijax
+from mtijax.models import olmoe
 
 
 def time_layer(config, layer, spec, x, positions, dispatch: str, repeats: int = 10) -> float:
@@ -51,7 +52,7 @@ def main() -> None:
         x = jax.random.normal(jax.random.key(1), (1, tokens, config.hidden_size), jnp.bfloat16)
         positions = jnp.arange(tokens, dtype=jnp.int32)[None]
         pairs = tokens * config.num_experts_per_tok
-        row = {"tokens": tokens, "chosen": mtijax.family(config).choose_dispatch(config, tokens)}
+        row = {"tokens": tokens, "chosen": olmoe.choose_dispatch(config, tokens)}
         for name in dispatches:
             if name != "gathered" or pairs <= 8 * config.num_experts:
                 row[f"{name}_ms"] = time_layer(config, layer, spec, x, positions, name) * 1e3

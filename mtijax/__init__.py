@@ -7,9 +7,9 @@ The public API::
     gen = mtijax.generate(model.config, model.params, [prompt_ids], 32)
 
 Everything is a pure function of ``(config, params, ...)``; ``config`` is a
-hashable static argument, ``params`` a plain pytree (see ``mtijax.models.gemma3``
-and ``mtijax.models.olmoe``; ``family(config)`` is the module of an architecture,
-with its ``block``, ``layer_spec`` and ``param_shapes``).
+hashable static argument, ``params`` a plain pytree (see ``mtijax.models.gemma3``,
+``mtijax.models.olmoe`` and ``mtijax.models.llama``; ``family(config)`` is the architecture record of a
+config, with its ``block``, ``layer_spec``, ``param_shapes``, ``param_axes`` and ``sites``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from mtijax.api import Model, load, load_config
-from mtijax.config import PRESETS, Gemma3Config, ModelConfig, OlmoeConfig, preset
+from mtijax.config import PRESETS, Gemma3Config, LlamaConfig, ModelConfig, OlmoeConfig, preset
 from mtijax.errors import MtijaxError
 from mtijax.generate import Generation, Sampling, generate, generate_stream
 from mtijax.interventions import SITES, Patch, layer_mask
@@ -61,7 +61,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Model", "load", "load_config", "PRESETS", "Gemma3Config", "OlmoeConfig", "ModelConfig", "preset", "MtijaxError",
+    "Model", "load", "load_config", "PRESETS", "Gemma3Config", "OlmoeConfig", "LlamaConfig", "ModelConfig", "preset", "MtijaxError",
     "Generation", "Sampling", "generate", "generate_stream", "SITES", "Patch", "layer_mask",
     "KVCache", "init_cache", "ForwardOutput", "forward", "forward_hidden", "family", "init_params",
     "load_balancing_loss", "router_z_loss", "injection", "InjectionSpec", "inject", "run_study",

@@ -33,10 +33,16 @@ after ``attn_q``/``attn_k``) and, between ``resid_mid`` and ``mlp_out``, its
 router: ``router_logits [B, S, E]`` (patchable), and the capture-only
 ``router_experts [B, S, k]`` (int32, chosen experts, best first) and
 ``router_weights [B, S, k]`` (their mixing weights).
+
+Llama-line blocks (``mtijax.models.llama``) have Gemma 3's sites; their ``attn_q``/``attn_k``/``attn_v``
+include Qwen 2's biases and come before Qwen 3's q/k norms. Each architecture's list, in block order, is
+its record's ``sites`` (``mtijax.models.architectures``); :data:`SITES` and :data:`ROUTING` here are derived
+from those lists.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -45,14 +51,32 @@ from flax import struct
 
 from mtijax.errors import MtijaxError
 
-SITES: tuple[str, ...] = (
-    "resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "router_logits", "mlp_out",
-    "resid_post",
-)
-"""Sites that can be captured and patched."""
 
-ROUTING: tuple[str, ...] = ("router_experts", "router_weights")
-"""Mixture-of-experts decisions: captured, never patched (patch ``router_logits`` to change them)."""
+@functools.cache
+def _sites() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Every registered architecture's sites (in block order, each once) and its capture-only ones."""
+    from mtijax.models.architectures import ARCHITECTURES  # the families import this module for Sites
+
+    merged: list[str] = []
+    for arch in ARCHITECTURES.values():  # each new name goes right after its predecessor in its block
+        for i, name in enumerate(arch.sites):
+            if name not in merged:
+                merged.insert(merged.index(arch.sites[i - 1]) + 1 if i else 0, name)
+    sites = tuple(merged)
+    routing = tuple(dict.fromkeys(name for arch in ARCHITECTURES.values() for name in arch.capture_only))
+    return tuple(n for n in sites if n not in routing), routing
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``SITES``: the sites that can be captured and patched in some architecture; ``ROUTING``: the
+    mixture-of-experts decisions, captured, never patched (patch ``router_logits`` to change them). Both are
+    derived from the architecture records (``Architecture.sites``, ``Architecture.capture_only``), the one
+    list of each family's sites."""
+    if name == "SITES":
+        return _sites()[0]
+    if name == "ROUTING":
+        return _sites()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @struct.dataclass
@@ -112,10 +136,11 @@ def check_sites(names: Iterable[str], *, patching: bool = False) -> tuple[str, .
     if isinstance(names, str):
         raise MtijaxError(f"sites must be a collection of names, got the string {names!r}")
     names = tuple(sorted(set(names)))
-    unknown = [n for n in names if n not in SITES + ROUTING]
+    patchable, capture_only = _sites()
+    unknown = [n for n in names if n not in patchable + capture_only]
     if unknown:
-        raise MtijaxError(f"unknown activation site {unknown[0]!r}; sites are {', '.join(SITES + ROUTING)}")
-    routing = [n for n in names if n in ROUTING]
+        raise MtijaxError(f"unknown activation site {unknown[0]!r}; sites are {', '.join(patchable + capture_only)}")
+    routing = [n for n in names if n in capture_only]
     if patching and routing:
         raise MtijaxError(f"activation site {routing[0]!r} can be captured but not patched; patch router_logits")
     return names

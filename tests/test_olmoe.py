@@ -235,7 +235,7 @@ def test_every_dispatch_agrees_with_dense(tiny_olmoe, batch, dispatch):
 
 @pytest.mark.parametrize("dispatch", sorted(olmoe.DISPATCHES))
 def test_forward_matches_transformers_with_every_dispatch(tiny_olmoe, reference, monkeypatch, dispatch):
-    monkeypatch.setattr(olmoe, "choose_dispatch", lambda config, num_tokens: dispatch)
+    monkeypatch.setattr(olmoe.model, "choose_dispatch", lambda config, num_tokens: dispatch)  # the block reads it there
     config, params = tiny_olmoe.model.config, tiny_olmoe.model.params
     tokens = jnp.asarray(reference.tokens)
     assert uses_ragged_dot(lambda t: mtijax.forward(config, params, t).logits, tokens) == (dispatch == "grouped")

@@ -1,1 +1,3 @@
-"""Decoder implementations; each is pure functions over a params pytree."""
+"""Decoder architectures, each pure functions over a params pytree: one folder per family (``gemma3/``,
+``olmoe/``, ``llama/``) with its :class:`~mtijax.models.architecture.Architecture` record, the registry
+(``architectures``), and the shared layers, cache and forward pass."""

@@ -1,6 +1,6 @@
 """The decoder forward pass shared by every architecture: embed, one ``lax.scan`` of the block, unembed.
 
-An architecture is a module (``mtijax.models.gemma3``, ...) that provides
+An architecture is a record (``mtijax.models.architecture.Architecture``) that provides
 ``param_shapes``, ``layer_spec``, ``embed``, ``block`` and
 ``unembed`` for its config type; :func:`family` picks it from the config.
 """
@@ -8,7 +8,6 @@ An architecture is a module (``mtijax.models.gemma3``, ...) that provides
 from __future__ import annotations
 
 import functools
-from types import ModuleType
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -19,6 +18,8 @@ from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
 from mtijax.interventions import Patch, RouterHook, Sites, check_sites
 from mtijax.models import cache as kv
+from mtijax.models.architecture import Architecture
+from mtijax.models.architectures import architecture
 
 Params = dict[str, Any]
 ResidualTransform = Callable[[jax.Array, jax.Array], jax.Array]
@@ -51,15 +52,9 @@ class HiddenOutput(NamedTuple):
     router_state: Any = None
 
 
-def family(config: ModelConfig) -> ModuleType:
-    """The module implementing ``config``'s architecture."""
-    from mtijax.models import gemma3, olmoe
-
-    families = {"gemma3": gemma3, "olmoe": olmoe}
-    try:
-        return families[config.architecture]
-    except KeyError:
-        raise MtijaxError(f"unknown architecture {config.architecture!r}") from None
+def family(config: ModelConfig) -> Architecture:
+    """The record of ``config``'s architecture (``mtijax.models.architectures.architecture``)."""
+    return architecture(config)
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32, scale: float = 0.02) -> Params:

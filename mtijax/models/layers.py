@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+"""The two layer types of ``layer_types`` (Hugging Face's names): attention within a window, or over everything."""
 NO_WINDOW = 2**30
 """Attention window of a global layer: larger than any position."""
 MASKED = -2.3819763e38

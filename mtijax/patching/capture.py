@@ -71,7 +71,7 @@ class Capture:
 
 def site_names(config: ModelConfig) -> tuple[str, ...]:
     """Every activation site of ``config``'s architecture, in block order."""
-    return family(config).SITES
+    return family(config).sites
 
 
 def check_site(config: ModelConfig, site: str, *, patching: bool = False) -> None:

@@ -24,7 +24,8 @@ import gguf
 import numpy as np
 from gguf.quants import quant_shape_to_byte_shape
 
-from mtijax.config import ModelConfig, config_from_gguf
+from mtijax.models.architecture import ModelConfig
+from mtijax.weights.configs import config_from_gguf
 from mtijax.errors import MtijaxError
 from mtijax.weights.names import TensorSlot
 

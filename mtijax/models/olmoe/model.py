@@ -41,14 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtijax.config import OlmoeConfig
 from mtijax.interventions import Sites
+from mtijax.models.olmoe.config import OlmoeConfig
 from mtijax.models.layers import NO_WINDOW, apply_rope, attention, project_qkv, rms_norm, rope_inv_freq
 
 Params = dict[str, Any]
-SITES = ("resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "router_logits",
-         "router_experts", "router_weights", "mlp_out", "resid_post")
-"""The activation sites an OLMoE block passes through, in order (see ``mtijax.interventions``)."""
 GROUPED_MAX_TOKENS = 128
 """Above this many tokens in one call, ``dense`` is chosen over ``grouped`` (see the module docstring)."""
 
@@ -80,6 +77,26 @@ def param_shapes(config: OlmoeConfig) -> Params:
     if not config.tie_word_embeddings:
         shapes["unembed"] = (d, config.vocab_size)
     return shapes
+
+
+def param_axes(config: OlmoeConfig) -> Params:
+    """The logical axis names of every parameter's dimensions, as the same pytree as :func:`param_shapes`."""
+    axes = {
+        "embed": ("vocab", "embed"),
+        "layers": {
+            "input_norm": ("layers", "embed"), "post_attn_norm": ("layers", "embed"),
+            "attn": {"q_proj": ("layers", "embed", "heads"), "k_proj": ("layers", "embed", "kv_heads"),
+                     "v_proj": ("layers", "embed", "kv_heads"), "o_proj": ("layers", "heads", "embed"),
+                     "q_norm": ("layers", "heads"), "k_norm": ("layers", "kv_heads")},
+            "moe": {"router": ("layers", "embed", "experts"), "gate_proj": ("layers", "experts", "embed", "mlp"),
+                    "up_proj": ("layers", "experts", "embed", "mlp"),
+                    "down_proj": ("layers", "experts", "mlp", "embed")},
+        },
+        "final_norm": ("embed",),
+    }
+    if not config.tie_word_embeddings:
+        axes["unembed"] = ("embed", "vocab")
+    return axes
 
 
 def embed(config: OlmoeConfig, params: Params, tokens: jax.Array) -> jax.Array:
@@ -163,7 +180,7 @@ DISPATCHES = {"gathered": experts_gathered, "grouped": experts_grouped, "dense":
 def block(config: OlmoeConfig, layer: Params, spec: Mapping[str, jax.Array], x: jax.Array, positions: jax.Array,
           cache_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None, sites: Sites | None = None,
           layout: str = "params", dispatch: str | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One OLMoE layer; same contract as ``mtijax.models.gemma3.block``.
+    """One OLMoE layer; same contract as ``mtijax.models.gemma3.model.block``.
 
     The router's logits pass through ``sites.route`` (a router hook, e.g. the spiking gate of
     ``mtijax.snn.gate``, when the caller gives one; the identity otherwise) before the top-k.

@@ -33,14 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtijax.config import SLIDING, Gemma3Config
 from mtijax.interventions import Sites
+from mtijax.models.gemma3.config import SLIDING, Gemma3Config
 from mtijax.models.layers import (NO_WINDOW, apply_rope, attention, gelu_tanh, project_qkv, rms_norm,
                                   rope_inv_freq)
 
 Params = dict[str, Any]
-SITES = ("resid_pre", "attn_q", "attn_k", "attn_v", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post")
-"""The activation sites a Gemma 3 block passes through, in order (see ``mtijax.interventions``)."""
 
 
 def layer_spec(config: Gemma3Config) -> dict[str, np.ndarray]:
@@ -69,6 +67,25 @@ def param_shapes(config: Gemma3Config) -> Params:
             "mlp": {"gate_proj": (l, d, f), "up_proj": (l, d, f), "down_proj": (l, f, d)},
         },
         "final_norm": (d,),
+    }
+
+
+def param_axes(config: Gemma3Config) -> Params:
+    """The logical axis names of every parameter's dimensions, as the same pytree as :func:`param_shapes`."""
+    return {
+        "embed": ("vocab", "embed"),
+        "layers": {
+            "input_norm": ("layers", "embed"), "post_attn_norm": ("layers", "embed"),
+            "pre_mlp_norm": ("layers", "embed"), "post_mlp_norm": ("layers", "embed"),
+            "attn": {
+                "q_proj": ("layers", "embed", "heads"), "k_proj": ("layers", "embed", "kv_heads"),
+                "v_proj": ("layers", "embed", "kv_heads"), "o_proj": ("layers", "heads", "embed"),
+                "q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim"),
+            },
+            "mlp": {"gate_proj": ("layers", "embed", "mlp"), "up_proj": ("layers", "embed", "mlp"),
+                    "down_proj": ("layers", "mlp", "embed")},
+        },
+        "final_norm": ("embed",),
     }
 
 
