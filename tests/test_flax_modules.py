@@ -11,6 +11,7 @@ tiny configurations run through the same module in the parity tests).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +91,17 @@ def test_captures_are_also_sown_into_intermediates(olmoe):
     assert sorted(state["intermediates"]) == sorted(CAPTURE)
     for name in CAPTURE:
         assert np.array_equal(state["intermediates"][name][0], out.captured[name])
+
+
+def test_a_transform_may_build_and_apply_a_linen_module(olmoe):
+    """Transforms run as from plain JAX code, so a module they construct is top-level, not the decoder's child."""
+    dense = nn.Dense(olmoe.config.hidden_size)
+    weights = dense.init(jax.random.key(3), jnp.zeros((1, olmoe.config.hidden_size)))
+    kernel, bias = weights["params"]["kernel"], weights["params"]["bias"]
+    built = mtijax.forward(olmoe.config, olmoe.params, TOKENS,
+                           transforms={0: lambda h, _: nn.Dense(olmoe.config.hidden_size).apply(weights, h)})
+    by_hand = mtijax.forward(olmoe.config, olmoe.params, TOKENS, transforms={0: lambda h, _: h @ kernel + bias})
+    assert np.array_equal(built.logits, by_hand.logits)
 
 
 def shape_tree(tree):

@@ -17,7 +17,8 @@ three projections (``mtijax.models.fused``). ``Module.init`` draws every leaf fr
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -62,6 +63,28 @@ def normal_tree(dtype: Any = jnp.float32) -> Callable[[jax.Array, Any], Any]:
     return init
 
 
+@contextlib.contextmanager
+def _no_parent() -> Iterator[None]:
+    """Make linen modules constructed in this block top-level (``parent=None``), as outside any module."""
+    stack = nn.module._context.module_stack  # flax's own partitioning reads this stack too
+    stack.append(None)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def outside_modules(fn: Callable) -> Callable:
+    """``fn`` run as if called from plain JAX code, not from inside a module's method: a residual transform or a
+    router hook that builds a linen module and ``apply``-s it (``FusionLayer(config).apply(...)``) keeps working
+    when the decoder is itself a module. Modules already bound (children of the caller's own module) are
+    unaffected."""
+    def run(*args: Any) -> Any:
+        with _no_parent():
+            return fn(*args)
+    return run
+
+
 class Block(nn.Module):
     """One decoder layer: its ``"params"`` are layer ``l`` of ``params["layers"]`` (``tree_map(lambda x: x[l],
     ...)``, in ``layout``), and its call is the family's ``block`` (see ``mtijax.models.gemma3.block``)."""
@@ -79,6 +102,9 @@ class Block(nn.Module):
         layer_shapes = jax.tree.map(lambda s: s[1:], shapes(self.config, self.layout)["layers"], is_leaf=_is_shape)
         init = normal_tree(self.param_dtype)
         layer = {name: self.param(name, init, shape) for name, shape in layer_shapes.items()}
+        if sites is not None and sites.router is not None:
+            fn, params, state = sites.router
+            sites.router = (outside_modules(fn), params, state)
         return family(self.config).block(self.config, layer, spec, x, positions, cache_kv, sites, self.layout)
 
 
@@ -162,7 +188,7 @@ class Decoder(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         arch = family(config)
         spec = jax.tree.map(jnp.asarray, arch.layer_spec(config))
-        transforms = dict(transforms or {})
+        transforms = {layer: outside_modules(fn) for layer, fn in (transforms or {}).items()}
         bad = [l for l in transforms if not (isinstance(l, int) and 0 <= l < config.num_layers)]
         if bad:
             raise MtijaxError(f"transform at layer {bad[0]!r} is out of range: the model has layers "
@@ -189,7 +215,7 @@ class Decoder(nn.Module):
             return (x, {n: _store(kept[n], captured[n], keep_index) for n in kept}), (new_kv, {}, router_state)
 
         if router is not None and router.state is None:
-            router = router.start(b)
+            router = outside_modules(router.start)(b)
         router_xs = None if router is None else (router.params, router.state)
         xs = (params["layers"], spec, cache_xs, dict(patches or {}), router_xs,
               None if keep_layers is None else keep_layers)
