@@ -10,7 +10,8 @@ a residual transform; the streamer applies the same :class:`Block` to each layer
 Interventions stay call arguments, with ``mtijax.forward``'s semantics: captures, patches (``[L, ...]``
 data, so a sweep is a ``vmap``), residual transforms and the router hook. The captured activations are also
 sown into the ``"intermediates"`` collection (one entry per site, flax's 1-tuple) when the caller makes it
-mutable. ``layout`` is a module attribute: ``"fused_qkv"`` declares ``layers/attn/qkv_proj`` in place of the
+mutable; transforms and router hooks run outside the module context (:func:`outside_modules`). ``layout`` is a
+module attribute: ``"fused_qkv"`` declares ``layers/attn/qkv_proj`` in place of the
 three projections (``mtijax.models.fused``). ``Module.init`` draws every leaf from a normal of std 0.02
 (norms too), like ``mtijax.init_params``, from the ``"params"`` key folded with the top-level name.
 """
