@@ -32,3 +32,11 @@ def fuse_qkv(params: Params) -> Params:
     fused = {name: value for name, value in attn.items() if name not in ("q_proj", "k_proj", "v_proj")}
     fused["qkv_proj"] = jnp.concatenate([attn["q_proj"], attn["k_proj"], attn["v_proj"]], axis=-1)
     return {**params, "layers": {**params["layers"], "attn": fused}}
+
+
+def fuse_qkv_shapes(shapes: Params) -> Params:
+    """The shapes of :func:`fuse_qkv`'s output from the documented ``param_shapes`` (tuples as leaves)."""
+    attn = shapes["layers"]["attn"]
+    fused = {name: shape for name, shape in attn.items() if name not in ("q_proj", "k_proj", "v_proj")}
+    fused["qkv_proj"] = (*attn["q_proj"][:-1], sum(attn[name][-1] for name in ("q_proj", "k_proj", "v_proj")))
+    return {**shapes, "layers": {**shapes["layers"], "attn": fused}}

@@ -1,7 +1,8 @@
 """The compiled pieces of a streamed pass: one layer's block on its streamed weights, and the small functions
 around the layers.
 
-:func:`layer_step` is the resident layer scan's body, called once per layer
+:func:`layer_step` is the resident layer scan's body (the model's one-layer linen module,
+``mtijax.models.modules.Block``), called once per layer
 from the host: it takes the layer index as data and slices every per-layer
 intervention at it exactly as ``lax.scan`` slices them (patch values and masks
 ``[L, ...]`` -> ``[...]``, the router hook's params and state ``[L, ...]`` ->
@@ -25,6 +26,7 @@ from mtijax.engine.interventions import Graft, Interventions, chunk_patches
 from mtijax.errors import MtijaxError
 from mtijax.interventions import Patch, RouterHook, Sites
 from mtijax.models.decoder import family
+from mtijax.models.modules import block_apply
 from mtijax.streaming.store import Leaf, to_params_layout
 
 Tree = dict[str, Any]
@@ -60,8 +62,8 @@ def layer_step(config: ModelConfig, leaves: tuple[Leaf, ...], capture: tuple[str
     ``layer`` updated).
     """
     sites = _sites(capture, patches, hook, router_state, layer)
-    x, (k, v) = family(config).block(config, to_params_layout(stored, leaves), spec, x, positions,
-                                     (cache_k[layer], cache_v[layer], cache_positions), sites)
+    x, (k, v) = block_apply(config, to_params_layout(stored, leaves), spec, x, positions,
+                            (cache_k[layer], cache_v[layer], cache_positions), sites)
     _check_visited(config, sites, patches, hook)
     zero = jnp.zeros((), jnp.int32)
     at = (layer, zero, write_index, zero, zero)
@@ -79,8 +81,8 @@ def route_step(config: ModelConfig, leaves: tuple[Leaf, ...], capture: tuple[str
                hook: RouterHook | None, router_state: Any) -> jax.Array:
     """The experts :func:`layer_step` routes this layer's tokens to: ``[B, S, k]`` (its other outputs unused)."""
     sites = _sites(("router_experts",), patches, hook, router_state, layer)
-    family(config).block(config, to_params_layout(stored, leaves), spec, x, positions,
-                         (cache_k[layer], cache_v[layer], cache_positions), sites)
+    block_apply(config, to_params_layout(stored, leaves), spec, x, positions,
+                (cache_k[layer], cache_v[layer], cache_positions), sites)
     return sites.captured["router_experts"]
 
 
