@@ -27,6 +27,8 @@ from mtijax import fusion  # resonance fusion layers on a frozen model (seed 002
 from mtijax.streaming import LayerStore, StreamedModel  # layers streamed from disk (seeds 004, 000)
 from mtijax import patching  # capture, patch specs, KV-cache and decode-step patching (seed 001)
 from mtijax.patching import capture, generate_patched, patch_spec
+from mtijax import sharding  # logical axes, rules, sharded load, sharded runs
+from mtijax.sharding import shard
 
 __all__ = [
     "Model", "load", "load_config", "PRESETS", "Gemma3Config", "OlmoeConfig", "ModelConfig", "preset", "MtijaxError",
@@ -34,5 +36,6 @@ __all__ = [
     "KVCache", "init_cache", "ForwardOutput", "forward", "forward_hidden", "family", "init_params",
     "load_balancing_loss", "router_z_loss", "InjectionSpec", "inject", "run_study",
     "snn", "StreamedModel", "LayerStore", "fusion", "patching", "capture", "patch_spec", "generate_patched",
+    "sharding", "shard",
 ]
 
