@@ -69,8 +69,7 @@ def spread_specs(specs: Sequence[PatchSpec], mesh: Mesh, rules: Rules | None = N
 def patch_sweep(config: ModelConfig, params: dict, tokens: Any, specs: Sequence[PatchSpec], positions: Any = None,
                 *, mesh: Mesh, rules: Rules | None = None, final_only: bool = True) -> jax.Array:
     """``mtijax.patching.sweep`` with the specs' batch axis split over ``data`` (:func:`spread_specs`): logits
-    ``[K, B, V]`` (``final_only``) or ``[K, B, S, V]``, their leading axis split the same way."""
-    mesh = check_mesh(mesh)
-    logits = patch_sweep_one_device(config, params, tokens, spread_specs(specs, mesh, rules), positions,
-                                    final_only=final_only)
-    return jax.device_put(logits, _sweep_sharding(mesh, tuple(logits.shape), rules))
+    ``[K, B, V]`` (``final_only``) or ``[K, B, S, V]``, their leading axis split the same way (XLA carries the
+    split of the masks through the vmapped forward)."""
+    return patch_sweep_one_device(config, params, tokens, spread_specs(specs, check_mesh(mesh), rules), positions,
+                                  final_only=final_only)

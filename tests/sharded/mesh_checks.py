@@ -118,7 +118,7 @@ def test_greedy_generation_with_a_sharded_cache_equals_one_device(gemma):
 def test_a_fusion_train_step_on_a_data_parallel_batch_equals_one_device(gemma):
     from mtijax.fusion import FusionConfig, TrainConfig, init_fusion, init_train_state, train_step
 
-    fusion = FusionConfig(positions=(0,), components=(), mode="residual", alpha=0.5)  # the linear adapter
+    fusion = FusionConfig(positions=(1,), components=(), mode="residual", alpha=0.5)  # the linear adapter
     train = TrainConfig(steps=2, batch_size=4, seq_len=7, warmup_steps=0)
     state = init_train_state(init_fusion(fusion, GEMMA, jax.random.key(2)), train)
     want, want_logs = train_step(GEMMA, fusion, train, state, gemma, TOKENS)
