@@ -24,7 +24,7 @@ FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_lev
 
 
 def test_sharded_runs_on_eight_cpu_devices_equal_one_device():
-    env = {**os.environ, "XLA_FLAGS": FLAGS, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FLAGS}".strip(), "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-m", "pytest", "tests/sharded/mesh_checks.py", "-q", "-x",
                           "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
