@@ -180,79 +180,89 @@ def model_parallel(report: Report, section: str, name: str, config, axis: str, s
     field = "tp" if axis == "model" else "ep"
     for n in sizes:
         try:
-            mesh = make_mesh((n,), (axis,))
-            params = random_params(config, mesh, dtype)
+            params = random_params(config, make_mesh((n,), (axis,)), dtype)
         except Exception as error:
             report.add(section, {"model": name, field: n, "case": "init",
                                  "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"})
             continue
-        weights = param_bytes(params)
-        itemsize = jnp.dtype(dtype).itemsize
-        for batch in (1, 8):
-            def decode(batch=batch):
-                step, slots = decode_time(config, params, batch, args.warmup_steps, args.decode_steps)
-                row = {"tok_s": batch / step, "step_ms": 1e3 * step, "param_bytes": weights}
-                if bandwidth:
-                    filled = 16 + args.warmup_steps + args.decode_steps // 2
-                    bound = (weights + kv_bytes(config, batch, filled, itemsize)) / (n * bandwidth)
-                    row["hbm_fraction"] = bound / step
-                return row
-            attempt(report, section, {"model": name, field: n, "case": f"decode_b{batch}"}, decode)
-        attempt(report, section, {"model": name, field: n, "case": f"prefill_{args.prefill_tokens}"},
-                lambda: {"tok_s": args.prefill_tokens / prefill_time(config, params, args.prefill_tokens, args.reps)})
-        del params
+        model_cases(report, section, {"model": name, field: n}, config, params, n, dtype, args, bandwidth)
+        params = None  # freed before the next mesh's params are drawn
         scaled(report.data[section], ("model", "case"), field)
         report.save()
 
 
+def model_cases(report: Report, section: str, key: dict, config, params: dict, n: int, dtype, args,
+                bandwidth: float | None) -> None:
+    """The decode (batch 1 and 8) and prefill cases of one model on ``n`` devices."""
+    weights = param_bytes(params)
+    itemsize = jnp.dtype(dtype).itemsize
+    for batch in (1, 8):
+        def decode(batch=batch):
+            step, _ = decode_time(config, params, batch, args.warmup_steps, args.decode_steps)
+            row = {"tok_s": batch / step, "step_ms": 1e3 * step, "param_bytes": weights}
+            if bandwidth:
+                filled = 16 + args.warmup_steps + args.decode_steps // 2
+                bound = (weights + kv_bytes(config, batch, filled, itemsize)) / (n * bandwidth)
+                row["hbm_fraction"] = bound / step
+            return row
+        attempt(report, section, {**key, "case": f"decode_b{batch}"}, decode)
+    attempt(report, section, {**key, "case": f"prefill_{args.prefill_tokens}"},
+            lambda: {"tok_s": args.prefill_tokens / prefill_time(config, params, args.prefill_tokens, args.reps)})
+
+
 def data_parallel(report: Report, config, sizes: list[int], dtype, args) -> None:
     """Injection and patch sweeps and a fusion train step at ``--per-device`` variants (rows) per device."""
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(3, config.vocab_size, (4, args.sweep_tokens)), jnp.int32)
+    for n in sizes:
+        mesh = make_mesh((n,), ("data",))
+        try:
+            student = random_params(config, mesh, dtype)
+        except Exception as error:
+            report.add("data_parallel", {"case": "init", "dp": n, "error": f"{type(error).__name__}: {error}"[:300]})
+            continue
+        sweep_cases(report, config, student, tokens, mesh, n, rng, args)
+        student = None  # freed before the next mesh's params are drawn
+        scaled(report.data["data_parallel"], ("case",), "dp")
+        report.save()
+
+
+def sweep_cases(report: Report, config, student: dict, tokens: jax.Array, mesh, n: int, rng, args) -> None:
+    """The injection sweep, patch sweep and fusion train step on ``n`` data-parallel devices."""
     from mtijax.fusion import TrainConfig, for_model, init_fusion, init_train_state, train_step
     from mtijax.inject import InjectionSpec
     from mtijax.patching import patch_spec
     from mtijax.sharding import shard_batch
     from mtijax.sharding.sweeps import injection_logits, patch_sweep
 
-    rng = np.random.default_rng(2)
-    tokens = jnp.asarray(rng.integers(3, config.vocab_size, (4, args.sweep_tokens)), jnp.int32)
     per = args.per_device
-    for n in sizes:
-        mesh = make_mesh((n,), ("data",))
-        try:
-            student = random_params(config, mesh, dtype)
-            teacher = jax.tree.map(lambda x: x * 1.1, student)
-        except Exception as error:
-            report.add("data_parallel", {"case": "init", "dp": n, "error": f"{type(error).__name__}: {error}"[:300]})
-            continue
-        prompt_tokens = tokens.size
-        spec = InjectionSpec(tensors=("attn/q_proj", "mlp/*"), layers=tuple(range(config.num_layers)))
+    teacher = jax.tree.map(lambda x: x * 1.1, student)
+    prompt_tokens = tokens.size
+    spec = InjectionSpec(tensors=("attn/q_proj", "mlp/*"), layers=tuple(range(config.num_layers)))
 
-        def injection():
-            alphas = jnp.linspace(0.0, 1.0, per * n)
-            return {"variants": per * n, "tok_s": per * n * prompt_tokens / median_time(
-                lambda: injection_logits(config, spec, student, teacher, alphas, tokens, mesh=mesh), args.reps)}
+    def injection():
+        alphas = jnp.linspace(0.0, 1.0, per * n)
+        return {"variants": per * n, "tok_s": per * n * prompt_tokens / median_time(
+            lambda: injection_logits(config, spec, student, teacher, alphas, tokens, mesh=mesh), args.reps)}
 
-        def patches():
-            source = mtijax.capture(config, student, tokens[::-1], sites=("resid_post",))
-            eye = np.eye(config.num_layers, dtype=np.float32)
-            masks = jnp.asarray(eye[np.arange(per * n) % config.num_layers])
-            specs = [patch_spec(config, "resid_post", [0], source, positions=("last", 8)).replace(layers=masks)]
-            return {"variants": per * n, "tok_s": per * n * prompt_tokens / median_time(
-                lambda: patch_sweep(config, student, tokens, specs, mesh=mesh), args.reps)}
+    def patches():
+        source = mtijax.capture(config, student, tokens[::-1], sites=("resid_post",))
+        eye = np.eye(config.num_layers, dtype=np.float32)
+        masks = jnp.asarray(eye[np.arange(per * n) % config.num_layers])
+        specs = [patch_spec(config, "resid_post", [0], source, positions=("last", 8)).replace(layers=masks)]
+        return {"variants": per * n, "tok_s": per * n * prompt_tokens / median_time(
+            lambda: patch_sweep(config, student, tokens, specs, mesh=mesh), args.reps)}
 
-        def fusion():
-            fusion_config = for_model(config, "standard")
-            train = TrainConfig(steps=10, batch_size=per * n, seq_len=128, warmup_steps=1)
-            state = replicate(init_train_state(init_fusion(fusion_config, config, jax.random.key(0)), train), mesh)
-            batch = shard_batch(jnp.asarray(rng.integers(3, config.vocab_size, (per * n, 128)), jnp.int32), mesh)
-            return {"rows": per * n, "tok_s": per * n * 128 / median_time(
-                lambda: train_step(config, fusion_config, train, state, student, batch)[1]["loss"], args.reps)}
+    def fusion():
+        fusion_config = for_model(config, "standard")
+        train = TrainConfig(steps=10, batch_size=per * n, seq_len=128, warmup_steps=1)
+        state = replicate(init_train_state(init_fusion(fusion_config, config, jax.random.key(0)), train), mesh)
+        batch = shard_batch(jnp.asarray(rng.integers(3, config.vocab_size, (per * n, 128)), jnp.int32), mesh)
+        return {"rows": per * n, "tok_s": per * n * 128 / median_time(
+            lambda: train_step(config, fusion_config, train, state, student, batch)[1]["loss"], args.reps)}
 
-        for case, fn in (("injection_sweep", injection), ("patch_sweep", patches), ("fusion_train_step", fusion)):
-            attempt(report, "data_parallel", {"case": case, "dp": n, "per_device": per}, fn)
-        del student, teacher
-        scaled(report.data["data_parallel"], ("case",), "dp")
-        report.save()
+    for case, fn in (("injection_sweep", injection), ("patch_sweep", patches), ("fusion_train_step", fusion)):
+        attempt(report, "data_parallel", {"case": case, "dp": n, "per_device": per}, fn)
 
 
 def powers_up_to(count: int, wanted: list[int]) -> list[int]:

@@ -97,6 +97,10 @@ def test_a_dim_the_mesh_does_not_divide_names_the_leaf(olmoe):
         mtijax.shard(OLMOE, olmoe, jax.make_mesh((3,), ("expert",), devices=jax.devices()[:3]))
     with pytest.raises(MtijaxError, match="subset of data, expert, model"):
         mtijax.shard(OLMOE, olmoe, mesh((2, 4), ("data", "tensor")))
+    with pytest.raises(MtijaxError, match="unknown logical axis 'hidden'"):
+        mtijax.shard(OLMOE, olmoe, mesh((2, 4)), rules={"hidden": "model"})
+    with pytest.raises(MtijaxError, match="dims 'experts' and 'mlp' both map to mesh axis 'model'"):
+        mtijax.shard(OLMOE, olmoe, mesh((2, 4)), rules={"experts": "model"})
 
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
