@@ -37,12 +37,14 @@ _LAZY = {
     "LayerStore": "mtijax.streaming", "StreamedModel": "mtijax.streaming",
     "patching": "mtijax.patching",  # capture, patch specs, KV-cache and decode-step patching (seed 001)
     "capture": "mtijax.patching", "generate_patched": "mtijax.patching", "patch_spec": "mtijax.patching",
+    "sharding": "mtijax.sharding", "shard": "mtijax.sharding",  # logical axes, rules, sharded load and runs
 }
 
 if TYPE_CHECKING:
-    from mtijax import fusion, injection, patching, snn, streaming
+    from mtijax import fusion, injection, patching, sharding, snn, streaming
     from mtijax.injection import InjectionSpec, inject, run_study
     from mtijax.patching import capture, generate_patched, patch_spec
+    from mtijax.sharding import shard
     from mtijax.streaming import LayerStore, StreamedModel
 
 
@@ -66,6 +68,6 @@ __all__ = [
     "KVCache", "init_cache", "ForwardOutput", "forward", "forward_hidden", "family", "init_params",
     "load_balancing_loss", "router_z_loss", "injection", "InjectionSpec", "inject", "run_study",
     "snn", "streaming", "StreamedModel", "LayerStore", "fusion", "patching", "capture", "patch_spec",
-    "generate_patched",
+    "generate_patched", "sharding", "shard",
 ]
 

@@ -88,10 +88,17 @@ class Checkpoint:
             added = []
         return suppress_ids(self.config, added, stop_ids)
 
-    def load(self, dtype: str = "float32", *, tokenizer: Any = None, progress: bool = False) -> Model:
+    def load(self, dtype: str = "float32", *, tokenizer: Any = None, progress: bool = False, mesh: Any = None,
+             rules: Any = None) -> Model:
         """Read the weights (``progress``: a bar over the tensors on stderr) into a :class:`Model` carrying
-        ``tokenizer`` (already loaded, or None)."""
-        params = load_params(self.config, self.tensors, dtype, progress)
+        ``tokenizer`` (already loaded, or None); with a ``mesh``, each device's block straight onto it
+        (``mtijax.sharding.load``)."""
+        if mesh is not None:
+            from mtijax.sharding.load import load_params as load_sharded
+
+            params = load_sharded(self.config, self.tensors, dtype, mesh, rules, progress)
+        else:
+            params = load_params(self.config, self.tensors, dtype, progress)
         return Model(self.config, params, tokenizer, str(self.path), self.suppress_ids(tokenizer))
 
 
@@ -127,14 +134,16 @@ def load_config(name_or_path: str | Path | None) -> tuple[ModelConfig, Path | No
 
 
 def load(name_or_path: str | Path | None = None, dtype: str = "float32", *, tokenizer: bool = True,
-         progress: bool = True) -> Model:
+         progress: bool = True, mesh: Any = None, rules: Any = None) -> Model:
     """Load a model: a Hugging Face directory, a ``.gguf`` file, or ``"gemma3-270m"`` (the default).
 
     Args:
       dtype: ``"float32"`` (default) or ``"bfloat16"``; GGUF tensors are dequantised to it.
       tokenizer: also load the tokenizer (GGUF: converted once, then cached).
       progress: show a progress bar while reading tensors, and a status line while reading the tokenizer.
+      mesh: a ``jax.sharding.Mesh``: read each device's block of every parameter straight from the file onto it,
+        placed by ``rules`` (``mtijax.sharding``); never a whole sharded parameter in host memory.
     """
     checkpoint = open_checkpoint(name_or_path)
     tok = checkpoint.tokenizer(progress) if tokenizer else None
-    return checkpoint.load(dtype, tokenizer=tok, progress=progress)
+    return checkpoint.load(dtype, tokenizer=tok, progress=progress, mesh=mesh, rules=rules)

@@ -79,6 +79,14 @@ def start_run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[in
             raise MtijaxError("the streamed model's config is not the config given")
         return source(prompts, max_new_tokens, policy=policy, seed=seed, stop_ids=stop_ids, suppress_ids=suppress_ids,
                       interventions=interventions, ladder=ladder, record_logits=record_logits)
+    from mtijax.sharding.place import mesh_of
+
+    if mesh_of(params) is not None:  # placed on a mesh: the engine with a sharded KV cache
+        from mtijax.sharding.generation import start_run as start_sharded
+
+        return start_sharded(config, params, prompts, max_new_tokens, policy=policy, seed=seed, stop_ids=stop_ids,
+                             suppress_ids=suppress_ids, interventions=interventions, ladder=ladder,
+                             record_logits=record_logits)
     interventions = Interventions() if interventions is None else interventions
     check(interventions, config.num_layers)
     request = lay_out(config, prompts, max_new_tokens, ladder or default_ladder(), stop_ids)

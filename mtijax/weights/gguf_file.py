@@ -225,6 +225,26 @@ class GGUFFile:
         values = values.reshape(self.shape(slot))
         return values - np.float32(1.0) if slot.norm_shift else values
 
+    def read_block(self, slot: TensorSlot, block: tuple[slice, ...]) -> np.ndarray:
+        """``read(slot)[block]`` (one ``slice(start, stop)`` per dim, numpy order), dequantising only the quantised
+        blocks that hold it: the rows of ``block``, and in each row the run of whole quant blocks (32 or 256
+        values) that covers its columns; the values outside ``block`` in the first and last of them are dropped."""
+        tensor = self._tensor(slot)
+        *rows, cols = block
+        if tensor.tensor_type in _PLAIN_TYPES:
+            values = np.array(tensor.data[block], np.float32)
+        else:
+            size, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+            first, last = cols.start // size, -(-cols.stop // size)
+            raw = np.ascontiguousarray(tensor.data[(*rows, slice(first * type_size, last * type_size))])
+            try:
+                values = gguf.quants.dequantize(raw, tensor.tensor_type)
+            except NotImplementedError:
+                raise MtijaxError(f"{self.path}: tensor {slot.name!r} has type {tensor.tensor_type.name}, "
+                                  "which the gguf package cannot dequantize") from None
+            values = values[..., cols.start - first * size:cols.stop - first * size]
+        return values - np.float32(1.0) if slot.norm_shift else values
+
     def describe(self, slot: TensorSlot) -> str:
         """``tensor 'name' in file``."""
         return f"tensor {slot.name!r} in {self.path}"

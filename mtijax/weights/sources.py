@@ -31,6 +31,9 @@ class TensorSource(Protocol):
     def read(self, slot: TensorSlot) -> np.ndarray:
         """The slot's tensor as stored (any float dtype), before transposes or shifts."""
 
+    def read_block(self, slot: TensorSlot, block: tuple[slice, ...]) -> np.ndarray:
+        """``read(slot)[block]`` (one ``slice(start, stop)`` per stored dim), reading only that block's bytes."""
+
 
 def _shard_files(directory: Path) -> tuple[dict[str, str], list[Path]]:
     """Tensor name -> shard file name, and the shard files, from the index or a lone file."""
@@ -92,6 +95,11 @@ class HFDirectory:
     def read(self, slot: TensorSlot) -> np.ndarray:
         name, shard = self.locate(slot)
         return shard.get(name)
+
+    def read_block(self, slot: TensorSlot, block: tuple[slice, ...]) -> np.ndarray:
+        """A copy of ``read(slot)[block]``: only the block is copied out of the memory map."""
+        name, shard = self.locate(slot)
+        return np.array(shard.get(name)[block])
 
     def describe(self, slot: TensorSlot) -> str:
         """``tensor 'name' in shard file``."""
