@@ -132,6 +132,24 @@ def bench_tokenizer(b: dict) -> str:
                       "", tail])
 
 
+@table("first_run", "first_run_cpu.json")
+def first_run(r: dict) -> str:
+    """The quick start's two commands on the machine kind they were run on (``bench_first_run.py``)."""
+    rows = []
+    if "generate" in r:
+        g = r["generate"]
+        rows += [[f"`{g['command']}`, {kind}", f"{g[kind]['first_token_s']:.1f} s to the first token, "
+                  f"{g[kind]['total_s']:.1f} s in all"] for kind in ("cold", "warm")]
+    if "suite" in r:
+        s = r["suite"]
+        status = "passed" if s["exit_status"] == 0 else f"**exit status {s['exit_status']}**"
+        rows.append([f"`{s['command']}`", f"{s['wall_s'] / 60:.1f} min, peak memory {s['peak_rss_gb']:.1f} GB, "
+                     f"{status}"])
+    return "\n".join([caption(r, "first_run_cpu.json") + " Cold: an empty `$MTIJAX_CACHE`; warm: the same command "
+                      "again, with the tokenizer the first run cached.", "",
+                      markdown(["command", "time"], rows)])
+
+
 # --- seed 000: injection ---------------------------------------------------------------------------------------
 
 @table("injection", "resonance_injection/study.json")

@@ -160,9 +160,12 @@ def test_vmapped_batch_equals_one_by_one():
     batch = simulate_batch(net, frames, 300, counts, raster_bin=1)
     for i, driver in enumerate(drivers):
         alone = simulate(net, driver, 300, raster_bin=1)
-        for name in ("best_unit", "raster", "spike_counts", "population_rate", "mean_dvdt", "adaptation"):
+        for name in ("best_unit", "raster", "spike_counts", "population_rate"):
             np.testing.assert_array_equal(np.asarray(getattr(batch, name)[i]), np.asarray(getattr(alone, name)),
                                           err_msg=f"prompt {i}: {name}")
+        for name in ("mean_dvdt", "adaptation"):  # float sums of another batch shape round in another order
+            np.testing.assert_allclose(np.asarray(getattr(batch, name)[i]), np.asarray(getattr(alone, name)),
+                                       rtol=1e-5, atol=1e-6, err_msg=f"prompt {i}: {name}")
 
 
 def test_same_seed_same_raster_and_another_seed_another():
