@@ -8,6 +8,7 @@ norms away from zero) so the parity tests exercise every parameter.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -130,7 +131,39 @@ def real_model():
 
 
 @pytest.fixture(scope="module")
-def real_hf_model():
+def gguf_parsed_once():
+    """For one module, ``gguf.GGUFReader`` of a path (same size and modification time) is parsed once and shared.
+
+    transformers parses the GGUF file for the config, again for the weights, and again for the tokenizer; each
+    parse builds a numpy view of every one of the 262k vocabulary strings (about 40 s on this machine). The
+    reader is read-only, so transformers' own conversion runs unchanged on the shared parse. Only the
+    transformers loads of the real model use this (``with gguf_parsed_once(): ...``); mtijax's
+    readers never see it. The parses are dropped with the module."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        stat = os.stat(path)
+        key = (os.fspath(path), mode, stat.st_size, stat.st_mtime_ns)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    @contextlib.contextmanager
+    def opened():
+        gguf.GGUFReader = shared
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
+
+    yield opened
+    readers.clear()
+
+
+@pytest.fixture(scope="module")
+def real_hf_model(gguf_parsed_once):
     """The same GGUF file loaded by transformers (dequantised to float32); module-scoped, so its memory is given
     back after the module that compares against it."""
     from transformers import AutoModelForCausalLM
@@ -138,7 +171,9 @@ def real_hf_model():
     from mtijax.weights.default import default_model_path
 
     path = default_model_path()
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    with gguf_parsed_once():
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                    dtype=torch.float32).eval()
 
 
 def random_prompts(seed: int, lengths, vocab: int = 256) -> list[list[int]]:

@@ -15,7 +15,7 @@ import pytest
 from mtijax.api import load
 from mtijax.engine import Interventions
 from mtijax.errors import MtijaxError
-from mtijax.fusion import COMPONENTS, FusionConfig, FusionLayer, LayerCarry, init_fusion
+from mtijax.fusion import FusionConfig, FusionLayer, LayerCarry, init_fusion
 from mtijax.fusion.decode import grafts
 from mtijax.generate import Sampling, generate
 from mtijax.interventions import Patch
@@ -155,14 +155,14 @@ def test_rows_are_seeded_runs_and_a_sweep_is_a_batch_of_single_runs(model, promp
 
 
 def test_extra_interventions_compose_with_the_plan_a_fusion_graft(model, prompts):
-    """With a fusion layer grafted after block 1 (``mtijax.fusion.decode.grafts``), the source is captured under
+    """With a fusion layer (its Kuramoto carry and SMF memory) grafted after block 1 (``mtijax.fusion.decode.grafts``), the source is captured under
     the graft too, and every decode step of the target (``refeed``: call 0 is one) blends the last layer's
     output half-way with the source's: exactly what a cache-free forward of the grafted model over the whole
     sequence with that blend gives."""
     target, source, _ = prompts
     c = model.config
-    fusion = FusionConfig(positions=(1,), components=COMPONENTS, mode="residual", alpha=0.5, gate_threshold=-2.0,
-                          max_positions=64, smf_slots=8)
+    fusion = FusionConfig(positions=(1,), components=("kuramoto", "smf"), mode="residual", alpha=0.5,
+                          max_positions=64, smf_slots=8)  # the components with a carry and a memory
     variables = init_fusion(fusion, c, jax.random.key(0))
     last = c.num_layers - 1
     plan = Plan((SitePatch("resid_post", (last,), decode="last", mode="interpolate", coef=0.5),),

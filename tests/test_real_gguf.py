@@ -38,12 +38,13 @@ tokens it printed 22.)"""
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer():
+def hf_tokenizer(gguf_parsed_once):
     """transformers' own tokenizer read from the GGUF metadata (no mtijax code involved)."""
     from transformers import AutoTokenizer
 
     path = default_model_path()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with gguf_parsed_once():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.fixture(scope="module")
