@@ -3,9 +3,11 @@
 Compiled programs are written to ``$MTIJAX_CACHE/xla`` (``MTIJAX_CACHE`` defaults to
 ``~/.cache/mtijax``), so a second process reuses the first one's compiles instead of paying them
 again. ``MTIJAX_COMPILATION_CACHE=0`` switches it off, ``=1`` switches it on, and ``=/some/dir`` puts it
-elsewhere. On the CPU backend it is off unless switched on: with jaxlib 0.10.2 on the CPU, writing an
-executable to the cache crashed the test suite's process (a segmentation fault inside
-``put_executable_and_time``). A cache directory the user set through JAX itself
+elsewhere. On the CPU backend it is off unless switched on: with jaxlib 0.10.2 on the CPU, the test suite's
+process once died with a segmentation fault inside ``put_executable_and_time``. That process was by then
+past the kernel's limit on memory maps, which the suite's compiled programs had used up
+(``tests/conftest.py`` now frees them after each module), so the cache write may have been only where it
+broke; the CPU default stays off until a long run with the cache on says otherwise. A cache directory the user set through JAX itself
 (``jax_compilation_cache_dir``) is left as it is.
 """
 
