@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from mtijax.config import ModelConfig
-from mtijax.errors import MtijaxError
 from mtijax.interventions import Patch, RouterHook
 from mtijax.models import cache as kv
 from mtijax.models.architecture import Architecture

@@ -121,3 +121,32 @@ def attention(q: jax.Array, q_pos: jax.Array, segments: Sequence[tuple[jax.Array
 def gelu_tanh(x: jax.Array) -> jax.Array:
     """GELU with the tanh approximation (``gelu_pytorch_tanh``)."""
     return jax.nn.gelu(x, approximate=True)
+
+
+def embed_unscaled(config, params: dict, tokens: jax.Array) -> jax.Array:
+    """Token embeddings ``[B, S, D]``, unscaled (OLMoE and the Llama line; Gemma scales by sqrt(D))."""
+    return params["embed"][tokens]
+
+
+def unembed_plain_norm(config, params: dict, x: jax.Array) -> jax.Array:
+    """Final RMSNorm (scaled by ``w``, not ``1 + w``) and the output head: ``[..., D]`` -> float32 logits
+    ``[..., V]``; the head is ``embed.T`` when ``config.tie_word_embeddings``, else ``params["unembed"]``."""
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps, plus_one=False)
+    if config.tie_word_embeddings:
+        return jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, params["unembed"], preferred_element_type=jnp.float32)
+
+
+def attention_shape_problems(config) -> list[str]:
+    """What is wrong with a decoder config's per-layer types and head shapes (``layer_types``, ``num_layers``,
+    ``num_heads``, ``num_kv_heads``, ``head_dim``), one message each; empty when nothing is."""
+    problems = []
+    if len(config.layer_types) != config.num_layers:
+        problems.append(f"{len(config.layer_types)} layer types for {config.num_layers} layers")
+    if any(t not in (SLIDING, FULL) for t in config.layer_types):
+        problems.append(f"unknown layer type in {sorted(set(config.layer_types))}")
+    if config.num_kv_heads > 0 and config.num_heads % config.num_kv_heads:
+        problems.append(f"{config.num_heads} heads is not a multiple of {config.num_kv_heads} kv heads")
+    if config.head_dim % 2:
+        problems.append(f"head_dim {config.head_dim} is odd (RoPE needs pairs)")
+    return problems

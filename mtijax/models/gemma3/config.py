@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from mtijax.errors import MtijaxError
-from mtijax.models.layers import FULL, SLIDING
+from mtijax.models.layers import FULL, SLIDING, attention_shape_problems
 from mtijax.weights.fields import as_kind, checked, given, gguf_error, linear_factor, token_ids
 
 __all__ = ["FULL", "SLIDING", "Gemma3Config", "PRESETS", "HF_TEXT_DEFAULTS", "gemma3_layer_types", "from_hf",
@@ -59,14 +59,7 @@ class Gemma3Config:
                  "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
                  "sliding_window": self.sliding_window}
         problems = [f"{name} is {value}, not positive" for name, value in sizes.items() if value <= 0]
-        if len(self.layer_types) != self.num_layers:
-            problems.append(f"{len(self.layer_types)} layer types for {self.num_layers} layers")
-        if any(t not in (SLIDING, FULL) for t in self.layer_types):
-            problems.append(f"unknown layer type in {sorted(set(self.layer_types))}")
-        if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
-            problems.append(f"{self.num_heads} heads is not a multiple of {self.num_kv_heads} kv heads")
-        if self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} is odd (RoPE needs pairs)")
+        problems += attention_shape_problems(self)
         if problems:
             raise MtijaxError("invalid Gemma 3 config: " + "; ".join(problems))
 

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from mtijax.errors import MtijaxError
-from mtijax.models.layers import FULL, SLIDING
+from mtijax.models.layers import FULL, SLIDING, attention_shape_problems
 from mtijax.weights.fields import as_kind, checked, given, rope_section, rope_type, token_ids
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -68,14 +68,7 @@ class LlamaConfig:
         problems = [f"{name} is {getattr(self, name)}, not positive" for name in sizes if getattr(self, name) <= 0]
         if self.sliding_window is not None and self.sliding_window <= 0:
             problems.append(f"sliding_window is {self.sliding_window}, not positive")
-        if len(self.layer_types) != self.num_layers:
-            problems.append(f"{len(self.layer_types)} layer types for {self.num_layers} layers")
-        if any(t not in (SLIDING, FULL) for t in self.layer_types):
-            problems.append(f"unknown layer type in {sorted(set(self.layer_types))}")
-        if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
-            problems.append(f"{self.num_heads} heads is not a multiple of {self.num_kv_heads} kv heads")
-        if self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} is odd (RoPE needs pairs)")
+        problems += attention_shape_problems(self)
         if self.rope_type not in ROPE_TYPES:
             problems.append(f"RoPE type {self.rope_type!r} is not supported ({', '.join(ROPE_TYPES)} are)")
         if problems:

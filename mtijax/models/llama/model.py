@@ -24,11 +24,11 @@ import math
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mtijax.interventions import Sites
-from mtijax.models.layers import NO_WINDOW, SLIDING, apply_rope, attention, project_qkv, rms_norm, rope_inv_freq
+from mtijax.models.layers import (NO_WINDOW, SLIDING, apply_rope, attention, embed_unscaled, project_qkv,
+                                  rms_norm, rope_inv_freq, unembed_plain_norm)
 from mtijax.models.llama.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -111,17 +111,8 @@ def param_axes(config: LlamaConfig) -> Params:
     return axes(param_shapes(config))
 
 
-def embed(config: LlamaConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    """Token embeddings ``[B, S, D]`` (no scaling)."""
-    return params["embed"][tokens]
-
-
-def unembed(config: LlamaConfig, params: Params, x: jax.Array) -> jax.Array:
-    """Final norm and output head: ``[..., D]`` -> float32 logits ``[..., V]``."""
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps, plus_one=False)
-    if config.tie_word_embeddings:
-        return jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, params["unembed"], preferred_element_type=jnp.float32)
+embed = embed_unscaled
+unembed = unembed_plain_norm
 
 
 def block(config: LlamaConfig, layer: Params, spec: Mapping[str, jax.Array], x: jax.Array, positions: jax.Array,

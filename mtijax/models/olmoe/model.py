@@ -43,7 +43,8 @@ import numpy as np
 
 from mtijax.interventions import Sites
 from mtijax.models.olmoe.config import OlmoeConfig
-from mtijax.models.layers import NO_WINDOW, apply_rope, attention, project_qkv, rms_norm, rope_inv_freq
+from mtijax.models.layers import (NO_WINDOW, apply_rope, attention, embed_unscaled, project_qkv, rms_norm,
+                                  rope_inv_freq, unembed_plain_norm)
 
 Params = dict[str, Any]
 GROUPED_MAX_TOKENS = 128
@@ -99,17 +100,8 @@ def param_axes(config: OlmoeConfig) -> Params:
     return axes
 
 
-def embed(config: OlmoeConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    """Token embeddings ``[B, S, D]`` (no scaling)."""
-    return params["embed"][tokens]
-
-
-def unembed(config: OlmoeConfig, params: Params, x: jax.Array) -> jax.Array:
-    """Final norm and output head: ``[..., D]`` -> float32 logits ``[..., V]``."""
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps, plus_one=False)
-    if config.tie_word_embeddings:
-        return jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, params["unembed"], preferred_element_type=jnp.float32)
+embed = embed_unscaled
+unembed = unembed_plain_norm
 
 
 def route(config: OlmoeConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
