@@ -39,7 +39,7 @@ from mtijax.engine.interventions import Interventions, chunk_patches, pad_batch
 from mtijax.engine.request import Request
 from mtijax.engine.sampling import Policy
 from mtijax.errors import MtijaxError
-from mtijax.interventions import Patch, RouterHook
+from mtijax.interventions import RouterHook
 from mtijax.models import cache as kv
 from mtijax.models.decoder import Params, forward_hidden, unembed
 
