@@ -8,8 +8,9 @@ process (so XLA flags apply and nothing is cached) and timed over warm steps:
 - ``multistep_K``: ``K`` decode steps inside one jitted ``lax.scan``, the layers a Python loop over per-layer
   weights held unstacked (so no slice of a stacked weight sits inside the loop), ``K`` tokens per dispatch;
 
-each under XLA flag sets: the defaults, ``--xla_gpu_autotune_level=0`` and
-``--xla_gpu_enable_triton_gemm=false``. Reported: compile seconds, milliseconds per token, and the
+each under XLA flag sets: the defaults, ``--xla_gpu_autotune_level=0`` (no autotuning), ``=1`` (autotuning
+without the buffer checks) and ``--xla_gpu_enable_triton_gemm=false`` (cuBLAS for every matmul).
+``multistep_1`` is one step over unstacked weights: every layer's kernels are then the same program. Reported: compile seconds, milliseconds per token, and the
 bandwidth bound (weights + live KV bytes per token over the measured copy bandwidth).
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/probe_compile_levers.py --model gemma3-12b \\
@@ -25,7 +26,8 @@ import subprocess
 import sys
 import time
 
-FLAGS = {"default": "", "autotune0": "--xla_gpu_autotune_level=0", "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false"}
+FLAGS = {"default": "", "autotune0": "--xla_gpu_autotune_level=0", "autotune1": "--xla_gpu_autotune_level=1",
+         "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false"}
 VARIANTS = ("unrolled", "rolled", "multistep_8")
 
 

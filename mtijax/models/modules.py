@@ -5,7 +5,8 @@ leaves of their family's ``param_shapes`` under the same names, blocks stacked o
 ``module(config).apply({"params": params}, tokens)`` runs on what ``mtijax.load`` returns, and
 ``mtijax.forward`` is that call. The module's body is one ``lax.scan`` of :class:`Block` (one layer: the
 family's ``block`` function over that layer's slice of ``params["layers"]``), split at the layers that carry
-a residual transform; the streamer applies the same :class:`Block` to each layer it streams in.
+a residual transform (each part reads its layers from the whole stack in place, so a split copies no weights);
+the streamer applies the same :class:`Block` to each layer it streams in.
 
 Interventions stay call arguments, with ``mtijax.forward``'s semantics: captures, patches (``[L, ...]``
 data, so a sweep is a ``vmap``), residual transforms and the router hook. The captured activations are also
@@ -225,13 +226,25 @@ class Decoder(nn.Module):
             site_shapes = jax.eval_shape(lambda: layer_step(x, *first[:5])[2])
             count = int((keep_layers >= 0).sum())
             kept = {n: jnp.zeros((count, *v.shape), v.dtype) for n, v in site_shapes.items()}
+        def layers_of(first: int, last: int) -> tuple[Callable, Any]:
+            """The scan body and its ``xs`` over layers ``first .. last``: the stacked ``xs`` itself for all
+            layers, else the layer indices, each step reading its layer in place (a slice of the stacked
+            weights taken outside the scan would be a copy of them)."""
+            if first == 0 and last == config.num_layers - 1:
+                return step, xs
+
+            def indexed(carry, index):
+                return step(carry, jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
+                                                xs))
+            return indexed, jnp.arange(first, last + 1)
+
         segments = []
         start = 0
         for stop in sorted(transforms) + [config.num_layers - 1]:
             if stop < start:
                 continue
-            (x, kept), ys = jax.lax.scan(step, (x, kept), jax.tree.map(lambda a: a[start:stop + 1], xs),
-                                         unroll=unroll)
+            body, segment_xs = layers_of(start, stop)
+            (x, kept), ys = jax.lax.scan(body, (x, kept), segment_xs, unroll=unroll)
             segments.append(ys)
             if stop in transforms:
                 x = transforms[stop](x, positions)
