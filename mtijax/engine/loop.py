@@ -54,7 +54,9 @@ class State(NamedTuple):
 
     Attributes:
       done: ``[B]`` rows that stopped (padding rows of the batch bucket are done from the start).
-      count: ``[B]`` tokens emitted per row, the stop token included. keys: ``[B]`` per-row PRNG keys.
+      count: ``[B]`` tokens emitted per row, the stop token included. keys: ``[B, 2]`` uint32, each row's PRNG
+        key as raw data (``jax.random.key_data``): typed key arrays would take jit's slower Python dispatch
+        path at every step.
       policy: the sampling policy's state. carry: graft layer -> its carry. router: the router hook's state.
     """
 
@@ -130,7 +132,8 @@ def start(config: ModelConfig, cache: kv.KVCache, carry: dict[int, Any], router_
     position = jnp.where(first_position < 0, nxt, first_position)
     rows = first_token.shape[0]
     return State(cache, first_token, position, jnp.asarray(width, jnp.int32), lengths == 0,
-                 jnp.zeros((rows,), jnp.int32), jnp.int32(0), keys, policy_state, dict(carry), router_state)
+                 jnp.zeros((rows,), jnp.int32), jnp.int32(0), jax.random.key_data(keys), policy_state, dict(carry),
+                 router_state)
 
 
 def decode_unroll() -> bool | int:
@@ -162,7 +165,7 @@ def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Par
     """The end of a decode call, after the layers: logits, the policy's choice and the bookkeeping
     (``hidden [B, D]``: the last residual stream). Shared by every source of params."""
     logits = unembed(config, params, hidden)
-    split = jax.vmap(jax.random.split)(state.keys)
+    split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(state.keys))
     metrics = {layer: outputs[layer][1] for layer in sorted(outputs)}
     choice = policy.choose(state.policy, logits, split[:, 1], metrics, state.done, suppress)
     halt = choice.halt & ~state.done
@@ -172,7 +175,7 @@ def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Par
     trace = {site: captured[site][jnp.asarray(layers), :, -1] for site, layers in interventions.trace}
     carry = {layer: outputs[layer][0] for layer in state.carry}
     new = State(cache, token, state.position + 1, state.slot + 1, done, state.count + emit.astype(jnp.int32),
-                state.step + 1, split[:, 0], choice.state, carry, router_state)
+                state.step + 1, jax.random.key_data(split[:, 0]), choice.state, carry, router_state)
     return new, Record(token, emit, done, halt, choice.record, trace, logits if record_logits else None)
 
 
