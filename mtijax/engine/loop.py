@@ -364,10 +364,15 @@ def _on_host(record: Record, batch: int, lead: int) -> Record:
 def collect(steps: Iterator[tuple[State, Record]], request: Request, pad_id: int,
             check_every: int = STOP_CHECK_EVERY) -> Collected:
     """Run ``steps`` to the end, looking every ``check_every`` calls whether all rows are done (so steps are
-    dispatched without waiting in between), and gather the records on the host. Takes the steps of a sweep
+    dispatched without waiting in between), and gather the records on the host (each record's copy to the
+    host starts when its step is dispatched: read one by one at the end, they cost the H200 0.6 ms a step). Takes the steps of a sweep
     too (``run(..., sweep_axes=...)``): then every array has the leading ``K`` axis."""
     records, state = [], None
+    on_device = jax.default_backend() != "cpu"  # on the CPU a record already is in host memory
     for index, (state, record) in enumerate(steps):
+        if on_device:  # to the host as soon as it exists, not one by one at the end
+            for leaf in jax.tree.leaves(record):
+                leaf.copy_to_host_async()
         records.append(record)
         if (index + 1) % check_every == 0 and bool(np.asarray(state.done).all()):
             break
