@@ -403,7 +403,8 @@ def fusion_gpu(bench: dict) -> str:
     for r in bench["runs"]:
         base = r["base"]
         for preset, p in r["presets"].items():
-            rows.append([MODEL_NAMES.get(r["size"], r["size"]), preset, ", ".join(map(str, p["positions"])),
+            rows.append([MODEL_NAMES.get(r["size"], r["size"]), r.get("layer_split", "-"), preset,
+                         ", ".join(map(str, p["positions"])),
                          f"{p['fusion_parameters']:,}", duration(base["seconds"]), duration(p["seconds"]),
                          signed_pct(p["time_overhead"]), signed_pct(p["identity_time_overhead"]),
                          f"+{100 * FUSION_TIME_OVERHEAD[preset]:.0f}%", gb(base["peak_bytes"]), gb(p["peak_bytes"]),
@@ -419,7 +420,7 @@ def fusion_gpu(bench: dict) -> str:
         head += (f" **For {', '.join(sorted(set(early)))}, the allocator's peak was reached before the forward "
                  "(making the params), so its peak columns do not measure the forward.**")
     return "\n".join([head, "", markdown(
-        ["model", "preset", "positions", "fusion params", "base", "fused", "time", "identity transforms",
+        ["model", "layer split", "preset", "positions", "fusion params", "base", "fused", "time", "identity transforms",
          "seed: time", "base peak GB", "fused peak GB", "memory", "accounted", "seed: memory"], rows)])
 
 
@@ -584,6 +585,72 @@ def bench_generate(results: dict) -> str:
     return "\n".join([head, "", markdown(["model", "batch", "mtijax decode tok/s", "transformers decode tok/s",
                                           "speed-up", "% of bandwidth bound", "mtijax prefill tok/s",
                                           "transformers prefill tok/s"], rows)])
+
+
+@table("bench_generate_h200", "bench_generate_h200.json")
+def bench_generate_h200(results: dict) -> str:
+    """Decode and prefill against both transformers peers in the same run, with the bound and the warm-ups."""
+    latest: dict[tuple, tuple[int, dict]] = {}
+    for number, inv in enumerate(results["invocations"], 1):
+        for r in inv["rows"]:
+            figure = r["figure"]
+            if r["mtijax"].get(figure) is not None:
+                latest[(r["model"], r["kind"], r["batch"], r["prompt_len"])] = (number, r)
+
+    def peer(r: dict, name: str) -> str:
+        value = r.get(name, {}).get(r["figure"])
+        return "-" if value is None else num(value)
+
+    def warmup(r: dict, name: str) -> str:
+        value = r.get(name, {}).get("warmup_s")
+        return "-" if value is None else f"{value:.0f} s"
+
+    rows = []
+    for number, r in latest.values():
+        bound = r["bound"].get(r["figure"])
+        rows.append([MODEL_NAMES.get(r["model"], r["model"]), r["kind"], r["batch"], r["prompt_len"], number,
+                     num(r["mtijax"][r["figure"]]), peer(r, "transformers_eager"), peer(r, "transformers_static"),
+                     peer(r, "transformers_compiled"), num(bound), pct(r["fraction_of_bound"]),
+                     f"{r['speedup_vs_strongest']:.2f}x", warmup(r, "mtijax"),
+                     warmup(r, "transformers_static" if r["kind"] != "prefill" else "transformers_compiled")])
+    first = results["invocations"][0]
+    m = first["machine"]
+    runs = "; ".join(f"run {n}: commit {inv['machine']['commit']}" + (f"; {inv['caveat']}" if inv.get("caveat") else "")
+                     for n, inv in enumerate(results["invocations"], 1))
+    head = (f"Measured on {m['device']} ({m['cpu_cores']} host cores, jax {m['jax']}, torch {m['torch']}, "
+            f"transformers {m['transformers']}), random bfloat16 weights, greedy; copy bandwidth "
+            f"{first['copy_bandwidth_GBps'] / 1e3:.2f} TB/s, matmul {first['matmul_TFLOPS']:.0f} TFLOP/s. Decode rows: "
+            "tok/s over 127 steps after a 128-token prompt; prefill: prompt tok/s of a 1-token generation. Peers: "
+            "transformers eager; with a static cache (generate compiles the decode forward, CUDA graphs); "
+            "`torch.compile` of the whole forward (prefill only). Warm-up: the first call's extra seconds "
+            f"(compiles). {runs}. `experiments/results/bench_generate_h200.json`.")
+    return "\n".join([head, "", markdown(
+        ["model", "row", "batch", "prompt", "run", "mtijax", "eager", "static cache", "compiled forward", "bound",
+         "% of bound", "x strongest peer", "mtijax warm-up", "peer warm-up"], rows)])
+
+
+@table("bench_sharding_h200", "bench_sharding_h200.json")
+def bench_sharding_h200(results: dict) -> str:
+    """The scale-out benchmark's rows as they ran (one device: the baselines of every ratio)."""
+    rows = []
+    for section in ("tensor_parallel", "expert_parallel", "data_parallel"):
+        for r in results.get(section, []):
+            if "tok_s" not in r:
+                continue
+            devices = r.get("tp", r.get("ep", r.get("dp", 1)))
+            what = r.get("model", "gemma3-1b")
+            rows.append([section.replace("_", " "), MODEL_NAMES.get(what, what), r["case"].replace("_", " "), devices,
+                         num(r["tok_s"]), "-" if "step_ms" not in r else f"{r['step_ms']:.2f} ms",
+                         "-" if "hbm_fraction" not in r else pct(r["hbm_fraction"])])
+    m = results["machine"]
+    head = (f"Measured on {m['device']} x {m['device_count']} ({m['host_cores']} host cores, jax {m['jax']}), random "
+            f"{results['dtype']} weights; copy bandwidth {results['copy_GBps']:.0f} GB/s per device (a jitted read "
+            "and write of 1 GiB); "
+            "\"of bound\": reading every parameter and the filled KV slots once per step at that bandwidth (for "
+            "OLMoE every expert, although a step reads only the routed ones: hence more than 100%). "
+            "`experiments/results/bench_sharding_h200.json`.")
+    return "\n".join([head, "", markdown(["section", "model", "case", "devices", "tok/s", "per step", "of bound"],
+                                          rows)])
 
 
 # --- the README ------------------------------------------------------------------------------------------------
