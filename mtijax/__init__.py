@@ -14,14 +14,14 @@ config, with its ``block``, ``layer_spec``, ``param_shapes``, ``param_axes`` and
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mtijax.api import Model, load, load_config
 from mtijax.config import PRESETS, Gemma3Config, LlamaConfig, ModelConfig, OlmoeConfig, preset
 from mtijax.errors import MtijaxError
 from mtijax.generate import Generation, Sampling, generate, generate_stream
 from mtijax.interventions import SITES, Patch, layer_mask
+from mtijax.lazy_exports import lazy_exports
 from mtijax.models.cache import KVCache, init_cache
 from mtijax.models.decoder import ForwardOutput, family, forward, forward_hidden, init_params
 from mtijax.models.olmoe import load_balancing_loss, router_z_loss
@@ -48,18 +48,7 @@ if TYPE_CHECKING:
     from mtijax.streaming import LayerStore, StreamedModel
 
 
-def __getattr__(name: str) -> Any:
-    """A technique package, or a name from one, imported on first access."""
-    if name not in _LAZY:
-        raise AttributeError(f"module 'mtijax' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    value = module if module.__name__ == f"mtijax.{name}" else getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 __all__ = [

@@ -21,7 +21,7 @@ from mtijax.errors import MtijaxError
 from mtijax.fusion import (COMPONENTS, Decoding, FusionConfig, for_model, fused_forward, generate_fused, init_fusion,
                            init_train_state, train, variables_of)
 from mtijax.fusion.stability import StabilityConfig, StabilityState, update
-from mtijax.fusion.train import TrainConfig, loss_terms
+from mtijax.fusion.training import TrainConfig, loss_terms
 from mtijax.fusion.wrapper import check_variables
 from mtijax.generate import Sampling
 from mtijax.injection.integrity import snapshot, verify

@@ -23,8 +23,9 @@ def fresh_python(code: str) -> str:
     return done.stdout
 
 
-def test_import_mtijax_imports_no_technique_library():
-    code = f"import mtijax, sys; print(sorted(m for m in {TECHNIQUE_LIBRARIES!r} if m in sys.modules))"
+@pytest.mark.parametrize("module", ["mtijax", "mtijax.cli"])
+def test_importing_the_package_or_the_cli_imports_no_technique_library(module):
+    code = f"import {module}, sys; print(sorted(m for m in {TECHNIQUE_LIBRARIES!r} if m in sys.modules))"
     assert fresh_python(code).strip() == "[]"
 
 
@@ -41,11 +42,18 @@ names = {
     "run_study": mtijax.run_study.__module__, "capture": mtijax.capture.__module__,
     "patch_spec": mtijax.patch_spec.__module__, "generate_patched": mtijax.generate_patched.__module__,
 }
-print(json.dumps({"optax_before": first, "optax_after": "optax" in sys.modules, "names": names,
-                  "all_resolve": all(hasattr(mtijax, n) for n in mtijax.__all__)}))
+packages_only = "optax" in sys.modules
+train_step = mtijax.fusion.train_step
+print(json.dumps({"optax_before": first, "optax_with_the_packages": packages_only,
+                  "optax_after_a_training_name": "optax" in sys.modules, "names": names,
+                  "all_resolve": all(hasattr(mtijax, n) for n in mtijax.__all__),
+                  "fusion_and_snn_resolve": all(hasattr(mtijax.fusion, n) for n in mtijax.fusion.__all__)
+                                            and all(hasattr(mtijax.snn, n) for n in mtijax.snn.__all__)}))
 """
     out = json.loads(fresh_python(code))
-    assert out["optax_before"] is False and out["optax_after"] is True
+    assert (out["optax_before"], out["optax_with_the_packages"], out["optax_after_a_training_name"]) == (
+        False, False, True)
+    assert out["fusion_and_snn_resolve"] is True
     assert out["all_resolve"] is True
     assert out["names"] == {
         "fusion": "mtijax.fusion", "snn": "mtijax.snn", "patching": "mtijax.patching",

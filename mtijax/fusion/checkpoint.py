@@ -24,7 +24,7 @@ import numpy as np
 from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
 from mtijax.fusion.config import FusionConfig, check_against_model
-from mtijax.fusion.train import TrainConfig, TrainState
+from mtijax.fusion.training import TrainConfig, TrainState
 from mtijax.fusion.wrapper import Variables, variable_shapes
 
 META = "fusion.json"

@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace) -> None:
     from mtijax.fusion import checkpoint as fusion_checkpoint
     from mtijax.fusion.config import for_model
     from mtijax.fusion.pipeline import fit, load_corpus
-    from mtijax.fusion.train import TrainConfig
+    from mtijax.fusion.training import TrainConfig
     from mtijax.preflight import check_output_dir
 
     if args.warmup is not None and args.warmup >= args.steps:

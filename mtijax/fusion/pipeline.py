@@ -17,7 +17,7 @@ from mtijax.errors import MtijaxError
 from mtijax.fusion import checkpoint
 from mtijax.fusion.config import FusionConfig
 from mtijax.fusion.data import python_topics, token_windows
-from mtijax.fusion.train import (TrainConfig, TrainState, init_train_state, perplexity, plot_history, train,
+from mtijax.fusion.training import (TrainConfig, TrainState, init_train_state, perplexity, plot_history, train,
                                  variables_of)
 from mtijax.fusion.wrapper import init_fusion, param_count
 

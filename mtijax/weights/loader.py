@@ -53,8 +53,11 @@ def load_params(config: ModelConfig, source: TensorSource, dtype: str = "float32
     Each stored tensor is checked against the shape the config implies and
     must be finite (:func:`check_shape`, :func:`check_finite`; the streamer's
     store runs the same checks); the first problem raises :class:`MtijaxError`
-    naming the tensor and its file. Host memory peaks at one stacked leaf plus
-    one tensor. ``progress`` shows a tqdm bar over the tensors on stderr.
+    naming the tensor and its file. The tensors are gathered into host arrays
+    of the params' shapes, then moved to the device one leaf at a time, each host
+    array released once its device copy exists: memory peaks at the params plus
+    their largest leaf, not twice the params. ``progress`` shows a tqdm bar over
+    the tensors on stderr.
     """
     np_dtype = numpy_dtype(dtype)
     shapes = family(config).param_shapes(config)
@@ -68,6 +71,12 @@ def load_params(config: ModelConfig, source: TensorSource, dtype: str = "float32
         value = np.asarray(source.read(slot), dtype=np.float32)
         check_finite(source, slot, value)
         target[slot.index] = np.swapaxes(value, -1, -2) if slot.transpose else value
-    return jax.tree.map(jnp.asarray, host)
+    leaves, treedef = jax.tree.flatten(host)
+    del host
+    moved = []
+    for index in range(len(leaves)):
+        moved.append(jnp.asarray(leaves[index]))
+        leaves[index] = None
+    return jax.tree.unflatten(treedef, moved)
 
 
