@@ -88,7 +88,7 @@ def start_run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[in
                              suppress_ids=suppress_ids, interventions=interventions, ladder=ladder,
                              record_logits=record_logits)
     interventions = Interventions() if interventions is None else interventions
-    check(interventions, config.num_layers)
+    check(interventions, config)
     request = lay_out(config, prompts, max_new_tokens, ladder or default_ladder(), stop_ids)
     suppress = suppress_mask(config.vocab_size, suppress_ids)
     steps = loop.run(config, fuse_qkv(params), request, policy=policy, interventions=interventions,

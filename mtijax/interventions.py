@@ -131,15 +131,25 @@ def layer_mask(num_layers: int, layers: Iterable[int]) -> jax.Array:
     return jnp.zeros((num_layers,), jnp.float32).at[jnp.asarray(chosen, jnp.int32)].set(1.0)
 
 
-def check_sites(names: Iterable[str], *, patching: bool = False) -> tuple[str, ...]:
-    """Validate site names (for capture, or for patches); returns them as a sorted tuple (a jit static)."""
+def check_sites(names: Iterable[str], *, patching: bool = False, architecture: Any = None) -> tuple[str, ...]:
+    """Validate site names (for capture, or for patches: ``patching``); returns them as a sorted tuple (a jit
+    static). With ``architecture`` (a ``mtijax.models.architecture.Architecture``), the names must also be
+    among that family's sites: the one check every front-end runs, against the record's one site list."""
     if isinstance(names, str):
         raise MtijaxError(f"sites must be a collection of names, got the string {names!r}")
     names = tuple(sorted(set(names)))
-    patchable, capture_only = _sites()
-    unknown = [n for n in names if n not in patchable + capture_only]
-    if unknown:
-        raise MtijaxError(f"unknown activation site {unknown[0]!r}; sites are {', '.join(patchable + capture_only)}")
+    if architecture is not None:
+        capture_only = architecture.capture_only
+        absent = [n for n in names if n not in architecture.sites]
+        if absent:
+            raise MtijaxError(f"{architecture.name} has no activation site {absent[0]!r}; its sites are "
+                              f"{', '.join(architecture.sites)}")
+    else:
+        patchable, capture_only = _sites()
+        unknown = [n for n in names if n not in patchable + capture_only]
+        if unknown:
+            raise MtijaxError(f"unknown activation site {unknown[0]!r}; sites are "
+                              f"{', '.join(patchable + capture_only)}")
     routing = [n for n in names if n in capture_only]
     if patching and routing:
         raise MtijaxError(f"activation site {routing[0]!r} can be captured but not patched; patch router_logits")

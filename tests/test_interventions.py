@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import mtijax
 from mtijax.api import load
 from mtijax.errors import MtijaxError
 from mtijax.interventions import Patch, layer_mask
@@ -237,13 +238,28 @@ def test_layer_mask_marks_the_chosen_layers():
     assert layer_mask(3, []).tolist() == [0, 0, 0]
 
 
-def test_unknown_site_names_are_rejected(model, two_prompts):
+def test_unknown_site_names_are_rejected_with_the_architectures_sites(model, two_prompts):
     a, _ = two_prompts
-    with pytest.raises(MtijaxError, match="unknown activation site"):
+    with pytest.raises(MtijaxError, match="gemma3 has no activation site 'resid'; its sites are resid_pre, attn_q"):
         forward(model.config, model.params, a, capture=("resid_post", "resid"))
     patch = Patch(jnp.zeros((model.config.num_layers,)), jnp.zeros((model.config.num_layers,)))
-    with pytest.raises(MtijaxError, match="unknown activation site"):
+    with pytest.raises(MtijaxError, match="gemma3 has no activation site 'mlp_in'"):
         forward(model.config, model.params, a, patches={"mlp_in": patch})
+    with pytest.raises(MtijaxError, match="gemma3 has no activation site 'router_logits'"):
+        forward(model.config, model.params, a, capture=("router_logits",))
+
+
+def test_the_engine_checks_intervention_sites_before_it_compiles(model, two_prompts):
+    from mtijax.engine import Interventions
+
+    a, _ = two_prompts
+    patch = Patch(jnp.zeros((model.config.num_layers,)), jnp.zeros((model.config.num_layers,)))
+    with pytest.raises(MtijaxError, match="gemma3 has no activation site 'router_logits'"):
+        mtijax.generate(model.config, model.params, a.tolist(), 2,
+                        interventions=Interventions(patches={"router_logits": patch}))
+    with pytest.raises(MtijaxError, match="gemma3 has no activation site 'router_experts'"):
+        mtijax.generate(model.config, model.params, a.tolist(), 2,
+                        interventions=Interventions(trace=(("router_experts", (0,)),)))
 
 
 def test_unknown_patch_mode_is_rejected(model, two_prompts):

@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from mtijax.config import ModelConfig
 from mtijax.errors import MtijaxError
-from mtijax.interventions import Patch, RouterHook
+from mtijax.interventions import Patch, RouterHook, check_sites
+from mtijax.models.decoder import family
 
 
 @struct.dataclass
@@ -99,9 +101,14 @@ class Interventions:
     trace: tuple[tuple[str, tuple[int, ...]], ...] = struct.field(pytree_node=False, default=())
 
 
-def check(interventions: Interventions, num_layers: int) -> None:
-    """Raise on interventions the engine cannot thread (two patches at one site in one call, layers out of
-    range)."""
+def check(interventions: Interventions, config: ModelConfig) -> None:
+    """Raise on interventions the engine cannot thread: sites ``config``'s architecture does not have (or
+    cannot patch), two patches at one site in one call, layers out of range."""
+    architecture = family(config)
+    for patches in (interventions.patches, interventions.prompt_patches, interventions.step_patches):
+        check_sites(patches.keys(), patching=True, architecture=architecture)
+    check_sites({site for site, _ in interventions.trace}, architecture=architecture)
+    num_layers = config.num_layers
     both = sorted(set(interventions.patches) & set(interventions.step_patches))
     if both:
         raise MtijaxError(f"site {both[0]!r} has both a patch and a step patch; give one per site")

@@ -179,15 +179,15 @@ class Decoder(nn.Module):
                keep_kv: bool = False, unroll: int | bool = 1) -> HiddenOutput:
         """The last residual stream ``[B, S, D]``, cache, captures and router state (see ``mtijax.forward``)."""
         config, params = self.config, self.tree
-        capture = check_sites(capture)
+        arch = family(config)
+        capture = check_sites(capture, architecture=arch)
         keep_layers = _keep_layers(config.num_layers, capture_layers)
-        check_sites((patches or {}).keys(), patching=True)
+        check_sites((patches or {}).keys(), patching=True, architecture=arch)
         b, s = tokens.shape
         if cache is not None and isinstance(write_index, int) and not 0 <= write_index <= cache.length - s:
             raise MtijaxError(f"cannot write {s} tokens at slot {write_index} of a {cache.length}-slot cache")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        arch = family(config)
         spec = jax.tree.map(jnp.asarray, arch.layer_spec(config))
         transforms = {layer: outside_modules(fn) for layer, fn in (transforms or {}).items()}
         bad = [l for l in transforms if not (isinstance(l, int) and 0 <= l < config.num_layers)]
@@ -253,9 +253,6 @@ class Decoder(nn.Module):
             lambda *parts: jnp.concatenate(parts), *segments)
         if keep_layers is not None:
             captured = kept
-        missing = sorted((set(capture) | set(patches or {})) - visited)
-        if missing:
-            raise MtijaxError(f"{config.architecture} has no activation site {missing[0]!r}")
         if router is not None and "router" not in visited:
             raise MtijaxError(f"a router hook needs a mixture-of-experts model; {config.architecture} has no router")
         if cache is not None:

@@ -30,7 +30,7 @@ from mtijax.config import ModelConfig
 from mtijax.engine.interventions import Graft, Interventions
 from mtijax.errors import MtijaxError
 from mtijax.generate import check_token_ids
-from mtijax.interventions import ROUTING
+from mtijax.interventions import check_sites
 from mtijax.models import cache as kv
 from mtijax.models.decoder import Params, family, forward
 from mtijax.patching.positions import parse_positions, span_bounds
@@ -76,11 +76,7 @@ def site_names(config: ModelConfig) -> tuple[str, ...]:
 
 def check_site(config: ModelConfig, site: str, *, patching: bool = False) -> None:
     """Raise a one-line error if ``config``'s architecture has no such site (or it cannot be patched)."""
-    names = site_names(config)
-    if site not in names:
-        raise MtijaxError(f"{config.architecture} has no activation site {site!r}; sites are {', '.join(names)}")
-    if patching and site in ROUTING:
-        raise MtijaxError(f"activation site {site!r} can be captured but not patched; patch router_logits")
+    check_sites((site,), patching=patching, architecture=family(config))
 
 
 def keep_slots(positions: np.ndarray, rule) -> np.ndarray:

@@ -351,7 +351,7 @@ def generate_patched(config: ModelConfig, params: Params, target: Sequence[int],
     edit = None if plan.kv is None else CacheEdit((source_capture.cache, kv_mask), KVEdit(plan.kv.policy, recompute))
     combined = extra.replace(prompt_patches=prompt_patches, step_patches={**extra.step_patches, **step_patches},
                              cache_edit=edit, trace=trace_spec)
-    check(combined, config.num_layers)
+    check(combined, config)
 
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + (0,) * (request.rows - len(seeds)), jnp.int32))
     steps = loop.run(config, fuse_qkv(params), request, policy=Plain(sampling), interventions=combined, keys=keys,

@@ -85,7 +85,7 @@ def start_run(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]]
     if mesh is None:
         raise MtijaxError("sharded generation needs params placed on a mesh of several devices (mtijax.shard)")
     interventions = Interventions() if interventions is None else interventions
-    check(interventions, config.num_layers)
+    check(interventions, config)
     request = lay_out(config, prompts, max_new_tokens, ladder or default_ladder(), stop_ids)
     chunk_fn, step_fn = engine_functions(mesh, tuple(sorted(resolve(rules).items(), key=lambda kv: kv[0])))
     steps = loop.run(config, params, request, policy=policy, interventions=interventions,

@@ -221,8 +221,8 @@ class StreamedModel:
         tokens = np.asarray(tokens, np.int32)
         b, s = tokens.shape
         check_token_ids(self.config, tokens)
-        capture = check_sites(capture)
-        check_sites((patches or {}).keys(), patching=True)
+        capture = check_sites(capture, architecture=family(self.config))
+        check_sites((patches or {}).keys(), patching=True, architecture=family(self.config))
         positions = (np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)) if positions is None
                      else np.asarray(positions, np.int32))
         order = self._order(layers)
@@ -261,7 +261,7 @@ class StreamedModel:
         (it drops the prefetched layers).
         """
         interventions = Interventions() if interventions is None else interventions
-        check(interventions, self.config.num_layers)
+        check(interventions, self.config)
         order = self._order(layers)
         self._check_after(interventions.grafts, order, "graft")
         if interventions.trace and len(order) < self.config.num_layers:

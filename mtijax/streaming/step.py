@@ -41,10 +41,8 @@ def _sites(capture: tuple[str, ...], patches: Mapping[str, Patch], hook: RouterH
 
 
 def _check_visited(config: ModelConfig, sites: Sites, patches: Mapping[str, Patch], hook: RouterHook | None) -> None:
-    """Refuse (at trace time) patch sites the block does not pass and a router hook on a model without a router."""
-    missing = sorted((set(sites.capture) | set(patches)) - sites.visited)
-    if missing:
-        raise MtijaxError(f"{config.architecture} has no activation site {missing[0]!r}")
+    """Refuse (at trace time) a router hook on a model without a router (site names are checked before, against
+    the architecture's sites: ``mtijax.interventions.check_sites``)."""
     if hook is not None and "router" not in sites.visited:
         raise MtijaxError(f"a router hook needs a mixture-of-experts model; {config.architecture} has no router")
 
