@@ -221,8 +221,9 @@ class StreamedModel:
         tokens = np.asarray(tokens, np.int32)
         b, s = tokens.shape
         check_token_ids(self.config, tokens)
-        capture = check_sites(capture, architecture=family(self.config))
-        check_sites((patches or {}).keys(), patching=True, architecture=family(self.config))
+        architecture = family(self.config)
+        capture = check_sites(capture, architecture=architecture)
+        check_sites((patches or {}).keys(), patching=True, architecture=architecture)
         positions = (np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)) if positions is None
                      else np.asarray(positions, np.int32))
         order = self._order(layers)
