@@ -74,18 +74,32 @@ class State(NamedTuple):
 
 
 class Record(NamedTuple):
-    """What one decode call produced, ``[B]`` each unless said: ``token`` (pad where not emitted), ``emit``,
-    ``done`` (after this call), ``halt`` (the policy stopped the row here), the policy's ``readings``
-    (name -> ``[B]``), ``trace`` (site -> ``[len(layers), B, *site_shape]``) and ``logits`` (``[B, V]``, only
-    when asked for)."""
+    """What one decode call produced. ``flags [4, B]`` int32 holds the ``token`` (pad where not emitted), ``emit``,
+    ``done`` (after this call) and ``halt`` (the policy stopped the row here) rows, read through the properties of
+    those names (``[B]`` each): one array, so a call's record reaches the host in one copy. Also the policy's
+    ``readings`` (name -> ``[B]``), ``trace`` (site -> ``[len(layers), B, *site_shape]``) and ``logits`` (``[B, V]``,
+    only when asked for). A sweep's arrays have a leading ``K`` axis (``flags [K, 4, B]``)."""
 
-    token: jax.Array
-    emit: jax.Array
-    done: jax.Array
-    halt: jax.Array
+    flags: jax.Array
     readings: dict[str, jax.Array]
     trace: dict[str, jax.Array]
     logits: jax.Array | None
+
+    @property
+    def token(self) -> jax.Array:
+        return self.flags[..., 0, :]
+
+    @property
+    def emit(self) -> jax.Array:
+        return self.flags[..., 1, :] != 0
+
+    @property
+    def done(self) -> jax.Array:
+        return self.flags[..., 2, :] != 0
+
+    @property
+    def halt(self) -> jax.Array:
+        return self.flags[..., 3, :] != 0
 
 
 def _router(hook: RouterHook | None, state: Any) -> RouterHook | None:
@@ -176,7 +190,8 @@ def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Par
     carry = {layer: outputs[layer][0] for layer in state.carry}
     new = State(cache, token, state.position + 1, state.slot + 1, done, state.count + emit.astype(jnp.int32),
                 state.step + 1, jax.random.key_data(split[:, 0]), choice.state, carry, router_state)
-    return new, Record(token, emit, done, halt, choice.record, trace, logits if record_logits else None)
+    flags = jnp.stack([token, emit.astype(jnp.int32), done.astype(jnp.int32), halt.astype(jnp.int32)])
+    return new, Record(flags, choice.record, trace, logits if record_logits else None)
 
 
 _chunk_jit = jax.jit(prefill_chunk, static_argnums=(0, 1), donate_argnums=(3,))
@@ -355,19 +370,21 @@ def _on_host(record: Record, batch: int, lead: int) -> Record:
     def cut(a: jax.Array, axis: int = lead) -> np.ndarray:
         return _real_rows(a, batch, axis)
 
-    return Record(cut(record.token), cut(record.emit), cut(record.done), cut(record.halt),
+    return Record(cut(record.flags, lead + 1),
                   {name: cut(v) for name, v in record.readings.items()},
                   {site: cut(v, lead + 1) for site, v in record.trace.items()},
                   None if record.logits is None else cut(record.logits))
 
 
 def collect(steps: Iterator[tuple[State, Record]], request: Request, pad_id: int,
-            check_every: int = STOP_CHECK_EVERY) -> Collected:
-    """Run ``steps`` to the end, looking every ``check_every`` calls whether all rows are done (so steps are
-    dispatched without waiting in between), and gather the records on the host. Each record's copy to the host
-    starts when its step is dispatched (``experiments/probe_engine_gap.py`` measured what reading them one by one
-    at the end cost). Takes the steps of a sweep too (``run(..., sweep_axes=...)``): then every array has the
-    leading ``K`` axis."""
+            check_every: int = STOP_CHECK_EVERY, lag: int = STOP_CHECK_EVERY) -> Collected:
+    """Run ``steps`` to the end and gather the records on the host. Every ``check_every`` calls it looks whether
+    all rows were done ``lag`` calls earlier, and stops if so: that record's copy has long reached the host, so
+    the look does not wait for the device and steps are dispatched without a gap (at most ``check_every + lag -
+    1`` calls run after the last row stopped; their tokens are pad). ``check_every=1, lag=0`` stops at once.
+    Each record's copy to the host starts when its step is dispatched (``experiments/probe_engine_gap.py``
+    measured what reading them one by one at the end cost). Takes the steps of a sweep too (``run(...,
+    sweep_axes=...)``): then every array has the leading ``K`` axis."""
     records, state = [], None
     on_device = jax.default_backend() != "cpu"  # on the CPU a record already is in host memory
     for index, (state, record) in enumerate(steps):
@@ -375,7 +392,7 @@ def collect(steps: Iterator[tuple[State, Record]], request: Request, pad_id: int
             for leaf in jax.tree.leaves(record):
                 leaf.copy_to_host_async()
         records.append(record)
-        if (index + 1) % check_every == 0 and bool(np.asarray(state.done).all()):
+        if (index + 1) % check_every == 0 and index >= lag and _flags_on_host(records[index - lag]).done.all():
             break
     batch, lead = request.batch, np.ndim(state.done) - 1
     host = [_on_host(r, batch, lead) for r in records]
@@ -387,9 +404,16 @@ def collect(steps: Iterator[tuple[State, Record]], request: Request, pad_id: int
     return Collected(tokens, _real_rows(state.count, batch, lead), done & ~halted, halted, host)
 
 
+def _flags_on_host(record: Record) -> Record:
+    """``record`` with its flags as numpy (one copy), so its ``token``, ``emit``, ``done`` and ``halt`` are host
+    arrays."""
+    return record._replace(flags=np.asarray(record.flags))
+
+
 def stream(steps: Iterator[tuple[State, Record]], request: Request) -> Iterator[tuple[State, Record]]:
-    """``steps`` read one call at a time, ending once every row is done."""
+    """``steps`` read one call at a time (each record's flags on the host), ending once every row is done."""
     for state, record in steps:
+        record = _flags_on_host(record)
         yield state, record
-        if bool(np.asarray(record.done).all()):
+        if record.done.all():
             return

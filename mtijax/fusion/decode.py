@@ -254,7 +254,7 @@ def generate_fused(config: ModelConfig, params: Mapping[str, Any], fusion: Fusio
     interventions = _with_fusion(config, fusion, variables, interventions)
     request, steps = start_run(config, params, prompts, max_new_tokens, policy=StabilityPolicy.of(decoding),
                                seed=seed, stop_ids=stop_ids, suppress_ids=suppress_ids, interventions=interventions)
-    run = loop.collect(steps, request, config.pad_token_id, check_every=1)
+    run = loop.collect(steps, request, config.pad_token_id, check_every=1, lag=0)
     batch = request.batch
     trace = {name: np.zeros((batch, max_new_tokens), bool if name == "stable" else np.float32)
              for name in TRACE_FIELDS}

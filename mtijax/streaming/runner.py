@@ -288,7 +288,7 @@ class StreamedModel:
                                         stop_ids=stop_ids, suppress_ids=suppress_ids, interventions=interventions,
                                         ladder=ladder, layers=layers)
         try:
-            run = loop.collect(steps, request, self.config.pad_token_id, check_every=1)
+            run = loop.collect(steps, request, self.config.pad_token_id, check_every=1, lag=0)
         finally:
             steps.close()
         return Generation(run.tokens, run.lengths, run.stopped)
