@@ -7,8 +7,8 @@ stops early. The rows, in the order they run (the most important first, so a ``-
 * ``decode``, batch 1 and 8 (``--batches``), prompt ``--prompt-len``, ``--new-tokens`` new;
 * ``prefill`` of ``--prefill-len`` tokens (default 2k) at batch 1;
 * ``long`` (Gemma only): batch 1, ``--long-contexts`` tokens of context (default 8k and 32k), ``--long-new-tokens``
-  new. Before each, the free device memory is checked against the bytes the row adds (mtijax's full-length KV
-  cache and the peers' caches, taken as full length too; prefill transients are not estimated); a row that does not
+  new. Before each, the free device memory is checked against the bytes the row adds (mtijax's KV cache, rolling on
+  sliding layers, and the peers' caches, taken as full length; prefill transients are not estimated); a row that does not
   fit is skipped with the figures in its reason, and an out-of-memory error is recorded as the row's result.
 
 Figures, for mtijax and each peer:
@@ -256,11 +256,32 @@ def free_bytes(device: str) -> int:
     return int(meminfo["MemAvailable"].split()[0]) * 1024
 
 
-def added_bytes(config: mtijax.ModelConfig, batch: int, context: int, itemsize: int) -> int:
-    """Bytes a row of ``context`` tokens adds to the resident weights: mtijax's KV cache over every layer at full
-    length, and the peers' caches counted at full length too (an over-estimate on their sliding layers)."""
-    full = 2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim * itemsize
-    return 2 * full
+def kv_cache_bytes(config: mtijax.ModelConfig, batch: int, context: int, dtype: str) -> dict[str, int]:
+    """Bytes of mtijax's KV cache for ``context`` tokens at ``batch`` (the engine's cache rung, in the layout it
+    takes: a ring of ``window`` slots on sliding layers when the rung is longer), and of the same rung in the full
+    layout (every layer keeps every slot)."""
+    from mtijax.engine.ladder import default_ladder
+    from mtijax.models.cache import init_cache
+    from mtijax.models.decoder import family
+
+    rung = default_ladder().cache_length(context, config.max_position_embeddings)
+    windows = family(config).layer_spec(config)["window"]
+
+    def size(with_windows: bool) -> int:
+        shapes = jax.eval_shape(lambda: init_cache(config.num_layers, batch, rung, config.num_kv_heads,
+                                                   config.head_dim, jnp.dtype(dtype),
+                                                   windows if with_windows else None))
+        return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes)))
+
+    return {"rung": rung, "mtijax": size(True), "full_layout": size(False)}
+
+
+def added_bytes(config: mtijax.ModelConfig, batch: int, context: int, dtype: str) -> int:
+    """Bytes a row of ``context`` tokens adds to the resident weights: mtijax's KV cache (:func:`kv_cache_bytes`)
+    and the peers' caches counted at full length (an over-estimate on their sliding layers)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    peer = 2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim * itemsize
+    return kv_cache_bytes(config, batch, context, dtype)["mtijax"] + peer
 
 
 # ---- transformers -----------------------------------------------------------------------------------------------
@@ -540,10 +561,12 @@ def main() -> None:
                     reason = "budget spent"
                 elif prompt_len + new_tokens > config.max_position_embeddings:
                     reason = f"context {prompt_len + new_tokens} exceeds the model's {config.max_position_embeddings}"
-                elif spec["kind"] == "long" and added_bytes(config, batch, prompt_len + new_tokens, itemsize) \
+                elif spec["kind"] == "long" and added_bytes(config, batch, prompt_len + new_tokens, dtype) \
                         > 0.9 * free_bytes(device):
-                    reason = (f"needs ~{added_bytes(config, batch, prompt_len + new_tokens, itemsize) / 1e9:.1f} GB "
+                    reason = (f"needs ~{added_bytes(config, batch, prompt_len + new_tokens, dtype) / 1e9:.1f} GB "
                               f"beyond the weights, {free_bytes(device) / 1e9:.1f} GB free")
+                if spec["kind"] == "long":
+                    row["kv_cache_bytes"] = kv_cache_bytes(config, batch, prompt_len + new_tokens, dtype)
                 names = [f"transformers_{p}" for p in peers if p != "compiled" or spec["kind"] == "prefill"]
                 for name in names + ["mtijax"]:
                     if reason or budget.spent():

@@ -133,9 +133,14 @@ def tree_checksums(directory: Path) -> dict[str, str]:
 def real_model():
     """The embedded Gemma 3 270M loaded by mtijax (float32), with its tokenizer: the one load of the real model
     in the session (every test of the real 270M shares it)."""
+    import gc
+
     from mtijax.api import load
 
-    return load(progress=False)
+    model = load(progress=False)
+    gc.collect()
+    libc.malloc_trim(0)  # the dequantising load's freed host buffers (0.7 GB) go back to the system
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from mtijax.engine.sampling import Policy
 from mtijax.errors import MtijaxError
 from mtijax.interventions import RouterHook
 from mtijax.models import cache as kv
-from mtijax.models.decoder import Params, forward_hidden, unembed
+from mtijax.models.decoder import Params, family, forward_hidden, unembed
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 STOP_CHECK_EVERY = 8
@@ -303,7 +303,9 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     of ``params`` (``"fused_qkv"`` for :func:`~mtijax.models.fused.fuse_qkv` params). ``stack``: what computes
     the prefill chunks and decode calls (default :class:`Resident` over ``params``); with another stack,
     ``params`` needs only what :func:`finish` reads (embedding, final norm, output head), and the KV cache
-    takes the embedding's dtype.
+    takes the embedding's dtype. With the default stack and no ``cache_edit``, a cache rung longer than the
+    sliding layers' window takes the rolling layout (:mod:`mtijax.models.cache`: those layers keep a ring of
+    ``window`` slots); a cache edit and other stacks work on the full layout, so they get it.
 
     ``sweep_axes``: run a sweep (see the module docstring; resident params only). A pytree prefix of
     ``interventions`` whose leaves are ``0`` (this subtree's leaves carry the ``K`` variants on their leading
@@ -317,8 +319,10 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     stack = Resident(config, layout, params) if stack is None else stack
     rows = request.rows
     start_fn = _start_jit
+    rolling = stack is None and interventions.cache_edit is None
+    windows = family(config).layer_spec(config)["window"] if rolling else None
     cache = kv.init_cache(config.num_layers, rows, request.cache_length, config.num_kv_heads, config.head_dim,
-                          params["embed"].dtype)
+                          params["embed"].dtype, windows)
     if sweep_axes is None:
         interventions = pad_batch(interventions, request.batch, rows)
         carry, router_state = _initial(interventions, rows)

@@ -138,6 +138,13 @@ def _slot_selector(slots: jax.Array | None, batch: int) -> Callable[[jax.Array],
     return lambda value: jax.vmap(lambda row, index: row[index])(value, slots)
 
 
+def _period(sliding: np.ndarray) -> int:
+    """The shortest ``p`` with ``sliding[l] == sliding[l % p]`` for every layer (6 for Gemma 3's five sliding
+    layers to one global)."""
+    n = len(sliding)
+    return next(p for p in range(1, n + 1) if all(sliding[i] == sliding[i % p] for i in range(n)))
+
+
 def _store(buffer: jax.Array, value: jax.Array, index: jax.Array) -> jax.Array:
     """Write ``value`` as row ``index`` of ``buffer`` (unchanged when ``index`` is -1)."""
     row = jnp.maximum(index, 0)
@@ -195,12 +202,16 @@ class Decoder(nn.Module):
             raise MtijaxError(f"transform at layer {bad[0]!r} is out of range: the model has layers "
                               f"0..{config.num_layers - 1}")
         x = arch.embed(config, params, tokens)
-        cache_xs = None if cache is None else (cache.k, cache.v)
+        rolling = cache is not None and cache.ring is not None
+        sliding = None if cache is None else kv.sliding_layers(cache, arch.layer_spec(config)["window"])
+        cache_xs = None if cache is None or rolling else (cache.k, cache.v)
         visited: set[str] = set()
         keep = _slot_selector(capture_slots, b)
 
         def layer_step(x, layer, layer_spec_l, layer_cache, layer_patches, layer_router):
-            cache_kv = None if layer_cache is None else (*layer_cache, cache.positions)
+            if layer_cache is not None and len(layer_cache) == 2:  # the full layout scans keys and values only
+                layer_cache = (*layer_cache, cache.positions)
+            cache_kv = layer_cache
             sites = Sites(capture, layer_patches, None if router is None else (router.fn, *layer_router))
             x, new_kv = block_apply(config, layer, layer_spec_l, x, positions, cache_kv, sites, self.layout)
             visited.update(sites.visited)
@@ -220,12 +231,25 @@ class Decoder(nn.Module):
         router_xs = None if router is None else (router.params, router.state)
         xs = (params["layers"], spec, cache_xs, dict(patches or {}), router_xs,
               None if keep_layers is None else keep_layers)
+
+        def layer_view(layer: int | jax.Array, in_ring: bool, index: int | jax.Array) -> tuple[jax.Array, ...]:
+            """Layer ``layer``'s ``(k, v, positions)`` in the rolling layout, and the rest of its ``xs``."""
+            part = cache.ring if in_ring else cache
+            at = lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
+            rest = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), xs)
+            return (*rest[:2], (at(part.k), at(part.v), part.positions), *rest[3:])
+
+        def first_xs():
+            if rolling:
+                return layer_view(0, *kv.layer_slot(sliding, 0))
+            return jax.tree.map(lambda a: a[0], xs)
+
         kept = {}
         if keep_layers is not None:
-            first = jax.tree.map(lambda a: a[0], xs)
-            site_shapes = jax.eval_shape(lambda: layer_step(x, *first[:5])[2])
+            site_shapes = jax.eval_shape(lambda: layer_step(x, *first_xs()[:5])[2])
             count = int((keep_layers >= 0).sum())
             kept = {n: jnp.zeros((count, *v.shape), v.dtype) for n, v in site_shapes.items()}
+
         def layers_of(first: int, last: int) -> tuple[Callable, Any]:
             """The scan body and its ``xs`` over layers ``first .. last``: the stacked ``xs`` itself for all
             layers, else the layer indices, each step reading its layer in place (a slice of the stacked
@@ -238,13 +262,44 @@ class Decoder(nn.Module):
                                                 xs))
             return indexed, jnp.arange(first, last + 1)
 
+        period = _period(sliding) if rolling else 1
+
+        def group(carry, g):
+            """Layers ``g * period .. g * period + period - 1`` of the rolling layout, each with its part."""
+            outs = []
+            for j in range(period):
+                in_ring, rank = kv.layer_slot(sliding, j)
+                per_group = int((sliding[:period] == in_ring).sum())
+                carry, y = step(carry, layer_view(g * period + j, in_ring, g * per_group + rank))
+                outs.append(y)
+            return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        def rolling_layers(first: int, last: int, carry):
+            """Layers ``first .. last`` over the rolling layout: a scan over whole periods of layer types, single
+            layers where the range starts or ends inside a period; outputs stacked in layer order."""
+            pieces, layer = [], first
+            while layer <= last:
+                if layer % period == 0 and layer + period - 1 <= last:
+                    groups = jnp.arange(layer // period, (last + 1) // period)
+                    carry, ys = jax.lax.scan(group, carry, groups, unroll=unroll)
+                    pieces.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys))
+                    layer = (last + 1) // period * period
+                else:
+                    carry, y = step(carry, layer_view(layer, *kv.layer_slot(sliding, layer)))
+                    pieces.append(jax.tree.map(lambda a: a[None], y))
+                    layer += 1
+            return carry, pieces[0] if len(pieces) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *pieces)
+
         segments = []
         start = 0
         for stop in sorted(transforms) + [config.num_layers - 1]:
             if stop < start:
                 continue
-            body, segment_xs = layers_of(start, stop)
-            (x, kept), ys = jax.lax.scan(body, (x, kept), segment_xs, unroll=unroll)
+            if rolling:
+                (x, kept), ys = rolling_layers(start, stop, (x, kept))
+            else:
+                body, segment_xs = layers_of(start, stop)
+                (x, kept), ys = jax.lax.scan(body, (x, kept), segment_xs, unroll=unroll)
             segments.append(ys)
             if stop in transforms:
                 x = transforms[stop](x, positions)
@@ -256,7 +311,7 @@ class Decoder(nn.Module):
         if router is not None and "router" not in visited:
             raise MtijaxError(f"a router hook needs a mixture-of-experts model; {config.architecture} has no router")
         if cache is not None:
-            cache = kv.write(cache, *new_kv, positions, write_index)
+            cache = kv.write(cache, *new_kv, positions, write_index, sliding)
         elif keep_kv:
             cache = kv.KVCache(*new_kv, positions)
         for name, value in captured.items():
