@@ -9,7 +9,9 @@ stops early. The rows, in the order they run (the most important first, so a ``-
 * ``long`` (Gemma only): batch 1, ``--long-contexts`` tokens of context (default 8k and 32k), ``--long-new-tokens``
   new. Before each, the free device memory is checked against the bytes the row adds (mtijax's KV cache, rolling on
   sliding layers, and the peers' caches, taken as full length; prefill transients are not estimated); a row that does not
-  fit is skipped with the figures in its reason, and an out-of-memory error is recorded as the row's result.
+  fit is skipped with the figures in its reason, and an out-of-memory error is recorded as the row's result. A long
+  row also runs mtijax with every layer's cache at full length (``mtijax_full_layout``: ``Ladder(rolling=False)``)
+  and records both layouts' cache bytes (``kv_cache_bytes``).
 
 Figures, for mtijax and each peer:
 
@@ -69,6 +71,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX shares th
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mtijax, not an installed one
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -386,19 +389,23 @@ def dynamo_counts(since: dict | None = None) -> dict:
 # ---- mtijax -----------------------------------------------------------------------------------------------------
 
 def bench_mtijax(config: mtijax.ModelConfig, params, batch: int, prompt_len: int, new_tokens: int,
-                 repeats: int) -> dict:
-    """Throughput of ``mtijax.generate`` and, when decoding, ``mtijax.generate_stream``."""
+                 repeats: int, rolling: bool = True) -> dict:
+    """Throughput of ``mtijax.generate`` and, when decoding, ``mtijax.generate_stream``; ``rolling=False``: every
+    layer's cache at full length (``Ladder(rolling=False)``)."""
+    from mtijax.engine.ladder import default_ladder
+
     prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt_len)).tolist()
+    ladder = dataclasses.replace(default_ladder(), rolling=rolling)
 
     def run(n: int) -> Callable[[], object]:
-        return lambda: mtijax.generate(config, params, prompts, n, stop_ids=()).tokens
+        return lambda: mtijax.generate(config, params, prompts, n, stop_ids=(), ladder=ladder).tokens
 
     prefill = timed(run(1), repeats)
     total = timed(run(new_tokens), repeats) if new_tokens > 1 else None
     out = throughput(batch, prompt_len, new_tokens, prefill, total)
     if total is not None:
         def stream() -> None:
-            for _ in mtijax.generate_stream(config, params, prompts, new_tokens, stop_ids=()):
+            for _ in mtijax.generate_stream(config, params, prompts, new_tokens, stop_ids=(), ladder=ladder):
                 pass
 
         _, streamed = timed(stream, 1)
@@ -568,16 +575,17 @@ def main() -> None:
                 if spec["kind"] == "long":
                     row["kv_cache_bytes"] = kv_cache_bytes(config, batch, prompt_len + new_tokens, dtype)
                 names = [f"transformers_{p}" for p in peers if p != "compiled" or spec["kind"] == "prefill"]
-                for name in names + ["mtijax"]:
+                ours = ["mtijax"] + (["mtijax_full_layout"] if spec["kind"] == "long" else [])
+                for name in names + ours:
                     if reason or budget.spent():
                         row[name] = {"skipped": reason or "budget spent"}
                         report["skipped"].append({"model": size, **spec, "who": name, "reason": row[name]["skipped"]})
                         continue
-                    if name == "mtijax":
+                    if name in ours:
                         if "params" not in state:
                             state["params"] = mtijax.init_params(config, jax.random.key(0), jnp.dtype(dtype))
                         row[name] = attempt(lambda: bench_mtijax(config, state["params"], batch, prompt_len,
-                                                                 new_tokens, repeats), device)
+                                                                 new_tokens, repeats, name == "mtijax"), device)
                     else:
                         if "torch" not in state:
                             state["torch"] = hf_model(config, dtype, device)

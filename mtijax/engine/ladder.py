@@ -9,7 +9,12 @@ ladder, so a new prompt length or ``max_new_tokens`` reuses the compiled prefill
 - **batch** sizes are powers of two (padding rows are generated and thrown away).
 
 ``Ladder(max_context=N)`` pins one cache rung up front: every request that fits ``N`` slots then
-shares one prefill and one decode compile, at the cost of decode attention over ``N`` slots.
+shares one prefill and one decode compile, at the cost of decode attention over ``N`` slots on the
+full-attention layers.
+
+A rung longer than the sliding layers' window gives those layers a rolling cache of ``window`` slots
+(``mtijax.models.cache``); ``Ladder(rolling=False)`` keeps every layer at full length (the layout a
+KV-cache edit and the other layer stacks use anyway).
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ def _next_power_of_two(n: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Ladder:
     """The rungs: prefill ``chunk`` tokens, cache lengths (powers of two from ``min_cache``, or the one
-    ``max_context``), batch buckets (powers of two)."""
+    ``max_context``), batch buckets (powers of two); ``rolling``: sliding layers may keep a window-sized ring."""
 
     chunk: int = 64
     min_cache: int = 256
     max_context: int | None = None
+    rolling: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.min_cache < 1:

@@ -319,7 +319,7 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     stack = Resident(config, layout, params) if stack is None else stack
     rows = request.rows
     start_fn = _start_jit
-    rolling = stack is None and interventions.cache_edit is None
+    rolling = request.rolling and stack is None and interventions.cache_edit is None
     windows = family(config).layer_spec(config)["window"] if rolling else None
     cache = kv.init_cache(config.num_layers, rows, request.cache_length, config.num_kv_heads, config.head_dim,
                           params["embed"].dtype, windows)

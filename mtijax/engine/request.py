@@ -37,6 +37,7 @@ class Request(NamedTuple):
       batch: real rows. width: ``W``. chunk: prefill tokens per call (``W`` is a multiple of it).
       cache_length: slots of the KV cache (a ladder rung).
       max_new_tokens: calls to run. stops: ``[n]`` int32 ids that end a row (``[-1]``: none).
+      rolling: the cache may take the rolling layout on sliding layers (``Ladder.rolling``).
     """
 
     tokens: np.ndarray
@@ -50,6 +51,7 @@ class Request(NamedTuple):
     cache_length: int
     max_new_tokens: int
     stops: np.ndarray
+    rolling: bool = True
 
     @property
     def rows(self) -> int:
@@ -127,4 +129,4 @@ def lay_out(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_token
     lengths[:batch] = [len(p) for p in prompts]
     cache_length = ladder.cache_length(width + max_new_tokens, config.max_position_embeddings)
     return Request(tokens, positions, first_token, first_position, lengths, batch, width, ladder.chunk, cache_length,
-                   max_new_tokens, stop_tokens(config, stop_ids))
+                   max_new_tokens, stop_tokens(config, stop_ids), ladder.rolling)
