@@ -6,8 +6,8 @@ stops early. The rows, in the order they run (the most important first, so a ``-
 
 * ``decode``, batch 1 and 8 (``--batches``), prompt ``--prompt-len``, ``--new-tokens`` new;
 * ``prefill`` of ``--prefill-len`` tokens (default 2k) at batch 1;
-* ``long`` (Gemma only): batch 1, ``--long-contexts`` tokens of context (default 8k and 32k), ``--long-new-tokens``
-  new. Before each, the free device memory is checked against the bytes the row adds (mtijax's KV cache, rolling on
+* ``long`` (Gemma only): batch 1, ``--long-contexts`` tokens of context at the end (default 8k and 32k: the prompt
+  and ``--long-new-tokens`` new). Before each, the free device memory is checked against the bytes the row adds (mtijax's KV cache, rolling on
   sliding layers, and the peers' caches, taken as full length; prefill transients are not estimated); a row that does not
   fit is skipped with the figures in its reason, and an out-of-memory error is recorded as the row's result. A long
   row also runs mtijax with every layer's cache at full length (``mtijax_full_layout``: ``Ladder(rolling=False)``)
@@ -419,13 +419,14 @@ def bench_mtijax(config: mtijax.ModelConfig, params, batch: int, prompt_len: int
 def rows_for(config: mtijax.ModelConfig, args: argparse.Namespace) -> list[dict]:
     """The rows of one model, most important first (see the module doc)."""
     batches = [int(b) for b in args.batches.split(",") if b]
-    rows = [{"kind": "decode", "batch": batches[0], "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}]
+    rows = [{"kind": "decode", "batch": b, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+            for b in batches[:1]]
     if args.prefill_len:
         rows.append({"kind": "prefill", "batch": 1, "prompt_len": args.prefill_len, "new_tokens": 1})
     rows += [{"kind": "decode", "batch": b, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
              for b in batches[1:]]
     if isinstance(config, mtijax.Gemma3Config):
-        rows += [{"kind": "long", "batch": 1, "prompt_len": c, "new_tokens": args.long_new_tokens}
+        rows += [{"kind": "long", "batch": 1, "prompt_len": c - args.long_new_tokens, "new_tokens": args.long_new_tokens}
                  for c in (int(c) for c in args.long_contexts.split(",") if c)]
     return rows
 
@@ -485,7 +486,7 @@ def main() -> None:
     parser.add_argument("--sizes", default=None,
                         help="comma-separated presets, or tiny-gemma3, tiny-olmoe (default: gemma3-270m,gemma3-1b,"
                              "gemma3-12b,olmoe-1b-7b; with --tiny both tiny ones)")
-    parser.add_argument("--batches", default="1,8", help="decode batch sizes; the first runs first")
+    parser.add_argument("--batches", default="1,8", help="decode batch sizes; the first runs first ('' for none)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of the decode rows")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the decode rows")
     parser.add_argument("--prefill-len", type=int, default=2048, help="prompt of the prefill row (0: no such row)")

@@ -16,7 +16,8 @@ import torch
 from mtijax.api import load
 from mtijax.config import preset
 from mtijax.engine.ladder import Ladder
-from mtijax.generate import generate
+from mtijax.engine.sampling import Plain, Sampling
+from mtijax.generate import generate, start_run
 from mtijax.models.cache import init_cache
 from mtijax.models.decoder import family, forward
 from tests.conftest import random_prompts
@@ -90,7 +91,11 @@ def test_greedy_generation_past_the_window_equals_transformers(tiny):
     hf, directory = tiny
     m = load(directory, progress=False)
     prompts = random_prompts(3, list(LENGTHS))
-    gen = generate(m.config, m.params, prompts, 12, stop_ids=(), ladder=Ladder(chunk=4, min_cache=16))
+    ladder = Ladder(chunk=4, min_cache=16)
+    _, steps = start_run(m.config, m.params, prompts, 12, policy=Plain(Sampling()), stop_ids=(), ladder=ladder)
+    state, _ = next(steps)
+    assert state.cache.ring.length == m.config.sliding_window  # the engine's cache rolls
+    gen = generate(m.config, m.params, prompts, 12, stop_ids=(), ladder=ladder)
     for row, prompt in enumerate(prompts):
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
@@ -110,6 +115,14 @@ def test_the_rolling_layout_of_gemma3_270m_at_32k_slots():
                                              jnp.bfloat16))
     size = lambda c: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(c))
     assert size(full) / size(shapes) > 5
+
+
+def test_rolling_false_keeps_the_engine_on_the_full_layout(tiny_gqa):
+    m = load(tiny_gqa[1], progress=False)
+    _, steps = start_run(m.config, m.params, random_prompts(3, [9]), 2, policy=Plain(Sampling()), stop_ids=(),
+                         ladder=Ladder(chunk=4, min_cache=16, rolling=False))
+    state, _ = next(steps)
+    assert state.cache.ring is None and state.cache.k.shape[0] == m.config.num_layers
 
 
 def test_a_cache_no_longer_than_the_window_keeps_the_full_layout():

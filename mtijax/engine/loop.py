@@ -316,10 +316,10 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     enable_compilation_cache()
     if sweep_axes is not None and stack is not None:
         raise MtijaxError("a sweep runs on resident params; give params, not a layer stack")
+    rolling = request.rolling and stack is None and interventions.cache_edit is None
     stack = Resident(config, layout, params) if stack is None else stack
     rows = request.rows
     start_fn = _start_jit
-    rolling = request.rolling and stack is None and interventions.cache_edit is None
     windows = family(config).layer_spec(config)["window"] if rolling else None
     cache = kv.init_cache(config.num_layers, rows, request.cache_length, config.num_kv_heads, config.head_dim,
                           params["embed"].dtype, windows)
