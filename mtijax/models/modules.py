@@ -276,10 +276,13 @@ class Decoder(nn.Module):
 
         def rolling_layers(first: int, last: int, carry):
             """Layers ``first .. last`` over the rolling layout: a scan over whole periods of layer types, single
-            layers where the range starts or ends inside a period; outputs stacked in layer order."""
+            layers where the range starts or ends inside a period; outputs stacked in layer order. Fully
+            unrolled (``unroll=True``), every layer is a single one, so its slices have static indices: traced
+            ones, constant after unrolling, stayed 307 dynamic slices in XLA's optimised 270M decode step
+            (against 1), and the H200 decoded an 8k context at 561 instead of 845 tok/s."""
             pieces, layer = [], first
             while layer <= last:
-                if layer % period == 0 and layer + period - 1 <= last:
+                if unroll is not True and layer % period == 0 and layer + period - 1 <= last:
                     groups = jnp.arange(layer // period, (last + 1) // period)
                     carry, ys = jax.lax.scan(group, carry, groups, unroll=unroll)
                     pieces.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys))
