@@ -593,7 +593,9 @@ def bench_generate_h200(results: dict) -> str:
     kinds = {"decode": 0, "prefill": 1, "long": 2}
     measured = sorted(((r["model"], kinds.get(r["kind"], 3), r["batch"], r["prompt_len"], number), number, r)
                       for number, inv in enumerate(results["invocations"], 1) for r in inv["rows"]
-                      if r["mtijax"].get(r["figure"]) is not None)
+                      if r["mtijax"].get(r["figure"]) is not None and "excluded" not in r)
+    excluded = sorted({f"run {number}'s {r['kind']} rows: {r['excluded']}"
+                       for number, inv in enumerate(results["invocations"], 1) for r in inv["rows"] if "excluded" in r})
 
     def peer(r: dict, name: str) -> str:
         value = r.get(name, {}).get(r["figure"])
@@ -622,10 +624,31 @@ def bench_generate_h200(results: dict) -> str:
             "tok/s over 127 steps after a 128-token prompt; prefill: prompt tok/s of a 1-token generation. Peers: "
             "transformers eager; with a static cache (generate compiles the decode forward, CUDA graphs); "
             "`torch.compile` of the whole forward (prefill only). Warm-up: the first call's extra seconds "
-            f"(compiles). {runs}. `experiments/results/bench_generate_h200.json`.")
+            f"(compiles). {runs}." + "".join(f" Not shown: {e}." for e in excluded) +
+            " `experiments/results/bench_generate_h200.json`.")
     return "\n".join([head, "", markdown(
         ["model", "row", "batch", "prompt", "run", "mtijax", "eager", "static cache", "compiled forward", "bound",
          "% of bound", "x strongest peer", "mtijax warm-up", "peer warm-up"], rows)])
+
+
+@table("rolling_decode_h200", "probe_rolling_decode_270m_h200.json")
+def rolling_decode_h200(results: dict) -> str:
+    """The rolling KV cache against the full layout at long contexts: prefill, decode step and cache bytes."""
+    by = {(r["context"], r["rolling"]): r for r in results["runs"]}
+    rows = []
+    for context in sorted({c for c, _ in by}):
+        ring, full = by[(context, True)], by[(context, False)]
+        rows.append([num(context), f"{ring['prefill_s']:.3f} s", f"{full['prefill_s']:.3f} s",
+                     f"{full['prefill_s'] / ring['prefill_s']:.1f}x", f"{ring['decode_ms_per_step']:.2f} ms",
+                     f"{full['decode_ms_per_step']:.2f} ms", f"{ring['cache_bytes'] / 1e6:.0f} MB",
+                     f"{full['cache_bytes'] / 1e6:.0f} MB"])
+    head = (f"Measured on {results['machine']}, {MODEL_NAMES.get(results['model'], results['model'])} shapes (random "
+            "bfloat16), batch 1, a prompt of the context less 320 tokens; prefill: the run to its first token; decode: "
+            "256 steps of a longer run, after its first 32; code: " + results["code"] +
+            "; `experiments/results/probe_rolling_decode_270m_h200.json`.")
+    return "\n".join([head, "", markdown(["context", "prefill, rolling", "prefill, full", "prefill gain",
+                                           "decode step, rolling", "decode step, full", "cache, rolling",
+                                           "cache, full"], rows)])
 
 
 @table("bench_sharding_h200", "bench_sharding_h200.json")
