@@ -430,9 +430,9 @@ def _seconds(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f} s"
 
 
-@table("bench_compile_h200", "bench_compile_h200.json")
-def bench_compile_h200(b: dict) -> str:
-    """Seconds to the first token: cold, warm, in a second process, and what each new shape costs over warm."""
+def _compile_table(b: dict, source: str) -> str:
+    """Seconds to the first token: cold, warm, in a second process, and what each new shape costs over warm;
+    with the quick-start command's cold and warm first output where the run has it."""
     m = b["machine"]
     shapes = ["prompt_300", "prompt_1000", "new_64", "new_200"]
     rows = []
@@ -447,13 +447,33 @@ def bench_compile_h200(b: dict) -> str:
                      _seconds(s.get("second_process_first_token_s")),
                      *[("skipped" if c is None else f"{c:+.2f} s") for c in cells],
                      longest.split("_")[1] if longest else "-"])
-    head = (f"Measured on {m['device']} ({m['cpu_cores']} host cores, jax {m['jax']}), random bfloat16 weights, a "
-            "100-token prompt and 16 new tokens, greedy; a new shape's cost is its first call's first token minus "
-            "the same call repeated. Targets: cold first token at most 10 s (270M) and 30 s (12B), a new shape at "
-            "most 1 s over warm, a second process at most 3 s (270M). `experiments/results/bench_compile_h200.json`.")
-    return "\n".join([head, "", markdown(
-        ["model", "cold first token", "warm", "second process", "prompt 300", "prompt 1000", "prompt L",
-         "max_new 64", "max_new 200", "L"], rows)])
+    gpu = m.get("platform") == "gpu"
+    head = (f"Measured on {m['device']} ({m['cpu_cores']} host cores, jax {m['jax']}), random "
+            f"{'bfloat16' if gpu else 'float32'} weights, a 100-token prompt and 16 new tokens, greedy; a new shape's "
+            "cost is its first call's first token minus the same call repeated. Targets: " +
+            ("cold first token at most 10 s (270M) and 30 s (12B), a new shape at most 1 s over warm, a second "
+             "process at most 3 s (270M)." if gpu else "the quick-start command's first output within 15 s with a "
+             "warm cache.") + f" `experiments/results/{source}`.")
+    table = markdown(["model", "cold first token", "warm", "second process", "prompt 300", "prompt 1000", "prompt L",
+                      "max_new 64", "max_new 200", "L"], rows)
+    quick = b.get("quick_start")
+    if quick:
+        first = lambda run: _seconds(quick.get(run, {}).get("first_stdout_s"))
+        table += ("\n\n" + markdown(["command", "cold first output", "warm first output"],
+                                     [[f"`{quick['command']}`", first("cold"), first("warm")]]))
+    return "\n".join([head, "", table])
+
+
+@table("bench_compile_h200", "bench_compile_h200.json")
+def bench_compile_h200(b: dict) -> str:
+    """The compile costs on the H200."""
+    return _compile_table(b, "bench_compile_h200.json")
+
+
+@table("bench_compile_cpu", "bench_compile_cpu.json")
+def bench_compile_cpu(b: dict) -> str:
+    """The compile costs on this project's 2-core CPU machine, with the quick-start command."""
+    return _compile_table(b, "bench_compile_cpu.json")
 
 
 @table("compile_levers_h200", "probe_compile_levers_12b_h200.json")
