@@ -19,7 +19,8 @@ Figures, for mtijax and each peer:
 * ``decode_tok_s``: batch x (N - 1) / (time of an N-token generation - that prefill time);
 * ``warmup_s``: the first call's time minus the best later one, both lengths summed (mtijax's compiles, the
   static peer's ``torch.compile``); every figure above is the best of ``--repeats`` calls after that first one;
-* mtijax also: ``stream_decode_tok_s``, the same through ``mtijax.generate_stream`` (the host reads every token).
+* mtijax also: ``stream_decode_tok_s``, the same through ``mtijax.generate_stream`` (the host reads every token),
+  and ``steady_decode_tok_s``: batch / the engine's seconds per step over the second half of a run, prefill excluded.
 
 Peers (transformers' own recipes for version 5):
 
@@ -411,7 +412,27 @@ def bench_mtijax(config: mtijax.ModelConfig, params, batch: int, prompt_len: int
         _, streamed = timed(stream, 1)
         decode = streamed - prefill[1]
         out["stream_decode_tok_s"] = batch * (new_tokens - 1) / decode if decode > 0 else None
+        out["steady_decode_tok_s"] = batch / steady_step_s(config, params, prompts, new_tokens, ladder)
     return out
+
+
+def steady_step_s(config: mtijax.ModelConfig, params, prompts: list[list[int]], new_tokens: int, ladder) -> float:
+    """Seconds per decode step of the engine alone, timed over the second half of a ``new_tokens`` run (no
+    prefill in the figure, so a long context's prefill variation cannot swamp it)."""
+    from mtijax.engine.sampling import Plain, Sampling
+    from mtijax.generate import start_run
+
+    _, steps = start_run(config, params, prompts, new_tokens, policy=Plain(Sampling()), stop_ids=(), ladder=ladder)
+    half = new_tokens // 2
+    for _ in range(half):
+        state, _ = next(steps)
+    jax.block_until_ready(state.token)
+    start = time.perf_counter()
+    count = 0
+    for state, _ in steps:
+        count += 1
+    jax.block_until_ready(state.token)
+    return (time.perf_counter() - start) / max(count, 1)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -492,9 +513,11 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=2048, help="prompt of the prefill row (0: no such row)")
     parser.add_argument("--long-contexts", default="8192,32768",
                         help="contexts of the long rows, Gemma only ('' for none)")
-    parser.add_argument("--long-new-tokens", type=int, default=32, help="tokens generated in the long rows")
+    parser.add_argument("--long-new-tokens", type=int, default=256,
+                        help="tokens generated in the long rows (enough that decode time exceeds the prefill's "
+                             "run-to-run variation)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first, best kept")
-    parser.add_argument("--long-repeats", type=int, default=1, help="--repeats of the prefill and long rows")
+    parser.add_argument("--long-repeats", type=int, default=2, help="--repeats of the prefill and long rows")
     parser.add_argument("--peers", default=",".join(PEERS),
                         help="transformers peers: eager, static (static cache + compiled decode), compiled "
                              "(compiled forward, prefill row only); '' for none")

@@ -211,9 +211,8 @@ class Decoder(nn.Module):
         def layer_step(x, layer, layer_spec_l, layer_cache, layer_patches, layer_router):
             if layer_cache is not None and len(layer_cache) == 2:  # the full layout scans keys and values only
                 layer_cache = (*layer_cache, cache.positions)
-            cache_kv = layer_cache
             sites = Sites(capture, layer_patches, None if router is None else (router.fn, *layer_router))
-            x, new_kv = block_apply(config, layer, layer_spec_l, x, positions, cache_kv, sites, self.layout)
+            x, new_kv = block_apply(config, layer, layer_spec_l, x, positions, layer_cache, sites, self.layout)
             visited.update(sites.visited)
             return x, new_kv, {name: keep(value) for name, value in sites.captured.items()}, sites.router_state
 
