@@ -260,15 +260,17 @@ def free_bytes(device: str) -> int:
     return int(meminfo["MemAvailable"].split()[0]) * 1024
 
 
-def kv_cache_bytes(config: mtijax.ModelConfig, batch: int, context: int, dtype: str) -> dict[str, int]:
-    """Bytes of mtijax's KV cache for ``context`` tokens at ``batch`` (the engine's cache rung, in the layout it
+def kv_cache_bytes(config: mtijax.ModelConfig, batch: int, prompt_len: int, new_tokens: int,
+                   dtype: str) -> dict[str, int]:
+    """Bytes of mtijax's KV cache for the request (the cache rung the engine lays it out on, in the layout it
     takes: a ring of ``window`` slots on sliding layers when the rung is longer), and of the same rung in the full
     layout (every layer keeps every slot)."""
     from mtijax.engine.ladder import default_ladder
+    from mtijax.engine.request import lay_out
     from mtijax.models.cache import init_cache
     from mtijax.models.decoder import family
 
-    rung = default_ladder().cache_length(context, config.max_position_embeddings)
+    rung = lay_out(config, [[3] * prompt_len] * batch, new_tokens, default_ladder(), ()).cache_length
     windows = family(config).layer_spec(config)["window"]
 
     def size(with_windows: bool) -> int:
@@ -280,12 +282,10 @@ def kv_cache_bytes(config: mtijax.ModelConfig, batch: int, context: int, dtype: 
     return {"rung": rung, "mtijax": size(True), "full_layout": size(False)}
 
 
-def added_bytes(config: mtijax.ModelConfig, batch: int, context: int, dtype: str) -> int:
-    """Bytes a row of ``context`` tokens adds to the resident weights: mtijax's KV cache (:func:`kv_cache_bytes`)
-    and the peers' caches counted at full length (an over-estimate on their sliding layers)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    peer = 2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim * itemsize
-    return kv_cache_bytes(config, batch, context, dtype)["mtijax"] + peer
+def peer_cache_bytes(config: mtijax.ModelConfig, batch: int, context: int, dtype: str) -> int:
+    """The peers' KV caches for ``context`` tokens, counted at full length on every layer (an over-estimate on
+    their sliding layers)."""
+    return 2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
 
 
 # ---- transformers -----------------------------------------------------------------------------------------------
@@ -412,27 +412,27 @@ def bench_mtijax(config: mtijax.ModelConfig, params, batch: int, prompt_len: int
         _, streamed = timed(stream, 1)
         decode = streamed - prefill[1]
         out["stream_decode_tok_s"] = batch * (new_tokens - 1) / decode if decode > 0 else None
-        out["steady_decode_tok_s"] = batch / steady_step_s(config, params, prompts, new_tokens, ladder)
+        half = new_tokens // 2
+        out["steady_decode_tok_s"] = batch / steady_step_s(config, params, prompts, new_tokens - half, half, ladder)
     return out
 
 
-def steady_step_s(config: mtijax.ModelConfig, params, prompts: list[list[int]], new_tokens: int, ladder) -> float:
-    """Seconds per decode step of the engine alone, timed over the second half of a ``new_tokens`` run (no
+def steady_step_s(config: mtijax.ModelConfig, params, prompts: list[list[int]], steps: int, skip: int,
+                  ladder=None) -> float:
+    """Seconds per decode step of the engine alone: ``steps`` steps timed after the first ``skip`` of a run (no
     prefill in the figure, so a long context's prefill variation cannot swamp it)."""
     from mtijax.engine.sampling import Plain, Sampling
     from mtijax.generate import start_run
 
-    _, steps = start_run(config, params, prompts, new_tokens, policy=Plain(Sampling()), stop_ids=(), ladder=ladder)
-    half = new_tokens // 2
-    for _ in range(half):
-        state, _ = next(steps)
+    _, run = start_run(config, params, prompts, skip + steps, policy=Plain(Sampling()), stop_ids=(), ladder=ladder)
+    for _ in range(skip):
+        state, _ = next(run)
     jax.block_until_ready(state.token)
     start = time.perf_counter()
-    count = 0
-    for state, _ in steps:
-        count += 1
+    for _ in range(steps):
+        state, _ = next(run)
     jax.block_until_ready(state.token)
-    return (time.perf_counter() - start) / max(count, 1)
+    return (time.perf_counter() - start) / steps
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -592,12 +592,13 @@ def main() -> None:
                     reason = "budget spent"
                 elif prompt_len + new_tokens > config.max_position_embeddings:
                     reason = f"context {prompt_len + new_tokens} exceeds the model's {config.max_position_embeddings}"
-                elif spec["kind"] == "long" and added_bytes(config, batch, prompt_len + new_tokens, dtype) \
-                        > 0.9 * free_bytes(device):
-                    reason = (f"needs ~{added_bytes(config, batch, prompt_len + new_tokens, dtype) / 1e9:.1f} GB "
-                              f"beyond the weights, {free_bytes(device) / 1e9:.1f} GB free")
-                if spec["kind"] == "long":
-                    row["kv_cache_bytes"] = kv_cache_bytes(config, batch, prompt_len + new_tokens, dtype)
+                elif spec["kind"] == "long":
+                    row["kv_cache_bytes"] = kv_cache_bytes(config, batch, prompt_len, new_tokens, dtype)
+                    added = row["kv_cache_bytes"]["mtijax"] + peer_cache_bytes(config, batch, prompt_len + new_tokens,
+                                                                                dtype)
+                    free = free_bytes(device)
+                    if added > 0.9 * free:
+                        reason = f"needs ~{added / 1e9:.1f} GB beyond the weights, {free / 1e9:.1f} GB free"
                 names = [f"transformers_{p}" for p in peers if p != "compiled" or spec["kind"] == "prefill"]
                 ours = ["mtijax"] + (["mtijax_full_layout"] if spec["kind"] == "long" else [])
                 for name in names + ours:

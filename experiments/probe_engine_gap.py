@@ -26,6 +26,8 @@ import mtijax
 from mtijax.engine.sampling import Plain, Sampling
 from mtijax.generate import start_run
 
+from bench_generate import steady_step_s
+
 PROMPT = [list(range(1, 129))]
 
 
@@ -49,19 +51,6 @@ def steps_only(config: mtijax.ModelConfig, params: dict, new_tokens: int) -> Non
     jax.block_until_ready(state.token)
 
 
-def middle_of_a_long_run(config: mtijax.ModelConfig, params: dict, steps: int = 256) -> float:
-    """Milliseconds per step of ``steps`` steps taken after the first 10 of a longer run."""
-    _, run = start_run(config, params, PROMPT, steps + 20, policy=Plain(Sampling()), stop_ids=())
-    for _ in range(10):
-        state, _ = next(run)
-    jax.block_until_ready(state.token)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, _ = next(run)
-    jax.block_until_ready(state.token)
-    return 1e3 * (time.perf_counter() - start) / steps
-
-
 def main() -> None:
     name, out = sys.argv[1], sys.argv[2]
     config = mtijax.preset(name)
@@ -72,7 +61,7 @@ def main() -> None:
         result[f"steps_{n}"] = best_of(lambda: steps_only(config, params, n))
     for kind in ("generate", "steps"):
         result[f"{kind}_ms_per_step"] = 1e3 * (result[f"{kind}_129"] - result[f"{kind}_1"]) / 128
-    result["loop_ms_per_step"] = middle_of_a_long_run(config, params)
+    result["loop_ms_per_step"] = 1e3 * steady_step_s(config, params, PROMPT, 256, 10)
     print(json.dumps(result))
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -24,6 +24,8 @@ from mtijax.engine.ladder import default_ladder
 from mtijax.engine.sampling import Plain, Sampling
 from mtijax.generate import start_run
 
+from bench_generate import steady_step_s
+
 STEPS, SKIP = 256, 32
 
 
@@ -31,25 +33,16 @@ def measure(config: mtijax.ModelConfig, params: dict, context: int, rolling: boo
     prompt = np.random.default_rng(0).integers(3, config.vocab_size, (1, context - 320)).tolist()
     ladder = dataclasses.replace(default_ladder(), rolling=rolling)
 
-    def first_token() -> float:
+    def first_token() -> tuple[float, object]:
         start = time.perf_counter()
         _, steps = start_run(config, params, prompt, 1, policy=Plain(Sampling()), stop_ids=(), ladder=ladder)
         state, _ = next(steps)
         jax.block_until_ready(state.token)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, state
 
-    cold = first_token()
-    prefill = min(first_token() for _ in range(2))
-    _, run = start_run(config, params, prompt, STEPS + SKIP + 8, policy=Plain(Sampling()), stop_ids=(),
-                       ladder=ladder)
-    for _ in range(SKIP):
-        state, _ = next(run)
-    jax.block_until_ready(state.token)
-    start = time.perf_counter()
-    for _ in range(STEPS):
-        state, _ = next(run)
-    jax.block_until_ready(state.token)
-    step_ms = 1e3 * (time.perf_counter() - start) / STEPS
+    cold, state = first_token()
+    prefill = min(first_token()[0] for _ in range(2))
+    step_ms = 1e3 * steady_step_s(config, params, prompt, STEPS, SKIP, ladder)
     rolled = state.cache.ring is not None
     return {"context": context, "rolling": rolling, "ring_in_use": rolled, "first_call_s": cold,
             "prefill_s": prefill, "decode_ms_per_step": step_ms,

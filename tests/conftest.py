@@ -200,6 +200,17 @@ def random_prompts(seed: int, lengths, vocab: int = 256) -> list[list[int]]:
     return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
 
 
+def left_padded(prompts) -> tuple[np.ndarray, np.ndarray]:
+    """``tokens, positions [B, S]`` int32 of token id lists: each row right-aligned, padding id 0 at position -1."""
+    width = max(map(len, prompts))
+    tokens = np.zeros((len(prompts), width), np.int32)
+    positions = np.full((len(prompts), width), -1, np.int32)
+    for row, ids in enumerate(prompts):
+        tokens[row, width - len(ids):] = ids
+        positions[row, width - len(ids):] = np.arange(len(ids))
+    return tokens, positions
+
+
 def add_byte_tokenizer(directory: Path) -> Path:
     """Save a byte-level tokenizer into a checkpoint directory (ids 3..255 are bytes 0..252; 0, 1, 2 are pad,
     EOS and BOS, as the tiny configs say); returns the directory."""

@@ -25,6 +25,7 @@ from mtijax.models.decoder import forward
 from mtijax.special_tokens import text_decoder
 from mtijax.tokenizer import load_gguf_tokenizer
 from mtijax.weights.default import default_model_path
+from tests.conftest import left_padded
 
 pytestmark = pytest.mark.slow
 
@@ -112,12 +113,8 @@ def test_tokenizer_encodes_and_decodes_as_transformers(real_model, hf_tokenizer)
 def test_logits_and_next_token_match_transformers(real_model, real_hf_model, prompt_ids):
     """One left-padded batch of the three prompts: every real position's logits match transformers run on
     each prompt alone, and so does the top-1 next token."""
-    width = max(map(len, prompt_ids))
-    tokens = np.zeros((len(prompt_ids), width), np.int32)
-    positions = np.full((len(prompt_ids), width), -1, np.int32)
-    for row, ids in enumerate(prompt_ids):
-        tokens[row, width - len(ids):] = ids
-        positions[row, width - len(ids):] = np.arange(len(ids))
+    tokens, positions = left_padded(prompt_ids)
+    width = tokens.shape[1]
     logits = np.asarray(forward(real_model.config, real_model.params, jnp.asarray(tokens),
                                 jnp.asarray(positions)).logits)
     for row, ids in enumerate(prompt_ids):

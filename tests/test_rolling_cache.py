@@ -20,7 +20,7 @@ from mtijax.engine.sampling import Plain, Sampling
 from mtijax.generate import generate, start_run
 from mtijax.models.cache import init_cache
 from mtijax.models.decoder import family, forward
-from tests.conftest import random_prompts
+from tests.conftest import left_padded, random_prompts
 
 forward_jit = jax.jit(forward, static_argnames=("config",))
 LENGTHS = (11, 6)
@@ -32,22 +32,11 @@ def windows(config) -> np.ndarray:
     return family(config).layer_spec(config)["window"]
 
 
-def left_padded(prompts: list[list[int]]) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """``tokens, positions [B, S]``: each row right-aligned, padding at position -1."""
-    width = max(map(len, prompts))
-    tokens = np.zeros((len(prompts), width), np.int32)
-    positions = np.full((len(prompts), width), -1, np.int32)
-    for row, p in enumerate(prompts):
-        tokens[row, width - len(p):] = p
-        positions[row, width - len(p):] = np.arange(len(p))
-    return jnp.asarray(tokens), jnp.asarray(positions)
-
-
 def run_cache(config, params, cache, sequences: list[list[int]], chunk: int) -> list[np.ndarray]:
     """Prefill the prompts (all but ``STEPS`` tokens of each sequence) in chunks of ``chunk`` slots, then feed
     the continuations one token a step; each call's logits of every row's newest token, ``[B, V]``."""
     prompts = [s[:len(s) - STEPS] for s in sequences]
-    tokens, positions = left_padded(prompts)
+    tokens, positions = map(jnp.asarray, left_padded(prompts))
     width = tokens.shape[1]
     logits = []
     for begin in range(0, width, chunk):
@@ -104,8 +93,8 @@ def test_greedy_generation_past_the_window_equals_transformers(tiny):
 
 
 def test_the_rolling_layout_of_gemma3_270m_at_32k_slots():
-    """Fifteen sliding layers keep 512 slots; the three global layers keep all 32,768 (a ninth of the bytes
-    of the full layout)."""
+    """Fifteen sliding layers keep 512 slots; the three global layers keep all 32,768 (under a fifth of the
+    bytes of the full layout)."""
     config = preset("gemma3-270m")
     shapes = jax.eval_shape(lambda: init_cache(config.num_layers, 1, 32768, config.num_kv_heads, config.head_dim,
                                                jnp.bfloat16, windows(config)))

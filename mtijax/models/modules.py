@@ -195,7 +195,8 @@ class Decoder(nn.Module):
             raise MtijaxError(f"cannot write {s} tokens at slot {write_index} of a {cache.length}-slot cache")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        spec = jax.tree.map(jnp.asarray, arch.layer_spec(config))
+        layer_spec = arch.layer_spec(config)
+        spec = jax.tree.map(jnp.asarray, layer_spec)
         transforms = {layer: outside_modules(fn) for layer, fn in (transforms or {}).items()}
         bad = [l for l in transforms if not (isinstance(l, int) and 0 <= l < config.num_layers)]
         if bad:
@@ -203,7 +204,7 @@ class Decoder(nn.Module):
                               f"0..{config.num_layers - 1}")
         x = arch.embed(config, params, tokens)
         rolling = cache is not None and cache.ring is not None
-        sliding = None if cache is None else kv.sliding_layers(cache, arch.layer_spec(config)["window"])
+        sliding = None if cache is None else kv.sliding_layers(cache, layer_spec["window"])
         cache_xs = None if cache is None or rolling else (cache.k, cache.v)
         visited: set[str] = set()
         keep = _slot_selector(capture_slots, b)
