@@ -1,0 +1,153 @@
+"""Where a decode step's and a prefill's time goes on the GPU: kernels per step, GPU busy time, the top kernels.
+
+For each variant (a model of random bfloat16 weights in a preset's shapes, greedy, no stop token), the engine is
+warmed up, then a few calls run under ``jax.profiler.trace`` and the trace's device plane is read back
+(``jax.profiler.ProfileData``): every kernel on the GPU's streams, with its duration. Per step:
+
+* ``wall_ms``: the calls' wall time over the profiled window, per step;
+* ``kernels``: kernels launched per step; ``busy_ms``: the sum of their durations per step;
+* ``gap_ms``: ``wall - busy``, time the GPU waited (launch latency, host work, synchronisation);
+* ``top``: the kernels that took the most time per step (name, launches and microseconds per step).
+
+Variants: decode at batch 1 and 8 on the default ladder (a 128-token prompt: the 256-slot cache rung), on a
+rung pinned at 8k and 32k (``Ladder(max_context=...)``; the rolling layout) and at 8k in the full layout, with the
+decode layer scan unrolled (the default on GPUs) and rolled; and a 2k-token prefill (the call up to its first
+token) with 256- and 2048-token chunks. ``XLA_FLAGS`` is recorded: run the script again under other flags to
+compare them.
+
+    python experiments/probe_step_profile.py gemma3-270m /tmp/profile.json [variant,variant,...]
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mtijax
+from mtijax.engine import loop
+from mtijax.engine.ladder import Ladder, default_ladder
+from mtijax.engine.sampling import Plain, Sampling
+from mtijax.generate import start_run
+
+from bench_generate import model_config
+
+STEPS, SKIP = 16, 8
+
+VARIANTS = {
+    "decode_b1_r256": dict(batch=1, prompt=128),
+    "decode_b1_r256_rolled": dict(batch=1, prompt=128, unroll=1),
+    "decode_b1_r8k_ring": dict(batch=1, prompt=128, max_context=8192),
+    "decode_b1_r32k_ring": dict(batch=1, prompt=128, max_context=32768),
+    "decode_b1_r8k_full": dict(batch=1, prompt=128, max_context=8192, rolling=False),
+    "decode_b8_r256": dict(batch=8, prompt=128),
+    "decode_b8_r8k_ring": dict(batch=8, prompt=128, max_context=8192),
+    "prefill_2k_chunk256": dict(batch=1, prompt=2048, prefill=True),
+    "prefill_2k_chunk2048": dict(batch=1, prompt=2048, prefill=True, chunk=2048),
+}
+
+
+def device_kernels(trace_dir: str) -> list[tuple[str, int, int]]:
+    """``(name, start_ns, duration_ns)`` of every kernel on the GPU streams of the trace in ``trace_dir``."""
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    kernels = []
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "Stream" not in line.name:
+                continue
+            kernels += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events]
+    return kernels
+
+
+def summarise(kernels: list[tuple[str, int, int]], steps: int, wall_s: float) -> dict:
+    by_name: dict[str, list[int]] = collections.defaultdict(list)
+    for name, _, duration in kernels:
+        by_name[name].append(duration)
+    busy = sum(d for _, _, d in kernels) / 1e6 / steps
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+    return {"steps": steps, "wall_ms": 1e3 * wall_s / steps, "kernels": len(kernels) / steps, "busy_ms": busy,
+            "gap_ms": 1e3 * wall_s / steps - busy,
+            "top": [{"name": n[:120], "launches": len(d) / steps, "us": sum(d) / 1e3 / steps} for n, d in top]}
+
+
+def ladder_for(spec: dict) -> Ladder:
+    ladder = default_ladder()
+    return dataclasses.replace(ladder, chunk=spec.get("chunk", ladder.chunk), max_context=spec.get("max_context"),
+                               rolling=spec.get("rolling", True))
+
+
+def profile(config: mtijax.ModelConfig, params: dict, spec: dict) -> dict:
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, config.vocab_size, (spec["batch"], spec["prompt"])).tolist()
+    ladder = ladder_for(spec)
+    unroll = spec.get("unroll", True)
+    jax.clear_caches()  # the step's unroll is no jit argument: compile each variant afresh
+    original = loop.decode_unroll
+    loop.decode_unroll = lambda: unroll
+    try:
+        def steps(n: int):
+            return start_run(config, params, prompts, n, policy=Plain(Sampling()), stop_ids=(), ladder=ladder)[1]
+
+        t0 = time.perf_counter()
+        state, _ = next(steps(1))
+        jax.block_until_ready(state.token)
+        first_s = time.perf_counter() - t0
+        trace_dir = tempfile.mkdtemp()
+        if spec.get("prefill"):
+            for _ in range(2):
+                jax.block_until_ready(next(steps(1))[0].token)
+            with jax.profiler.trace(trace_dir):
+                t0 = time.perf_counter()
+                jax.block_until_ready(next(steps(1))[0].token)
+                wall = time.perf_counter() - t0
+            out = summarise(device_kernels(trace_dir), 1, wall)
+        else:
+            run = steps(SKIP + STEPS)
+            for _ in range(SKIP):
+                state, _ = next(run)
+            jax.block_until_ready(state.token)
+            with jax.profiler.trace(trace_dir):
+                t0 = time.perf_counter()
+                for _ in range(STEPS):
+                    state, _ = next(run)
+                jax.block_until_ready(state.token)
+                wall = time.perf_counter() - t0
+            out = summarise(device_kernels(trace_dir), STEPS, wall)
+        out["first_call_s"] = first_s
+        return out
+    finally:
+        loop.decode_unroll = original
+
+
+def main() -> None:
+    name, path = sys.argv[1], sys.argv[2]
+    chosen = sys.argv[3].split(",") if len(sys.argv) > 3 else list(VARIANTS)
+    config = model_config(name)
+    params = mtijax.init_params(config, jax.random.key(0), jnp.bfloat16)
+    result = {"model": name, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "xla_flags": os.environ.get("XLA_FLAGS"), "variants": {}}
+    for label in chosen:
+        spec = VARIANTS[label]
+        result["variants"][label] = {"spec": spec, **profile(config, params, spec)}
+        row = result["variants"][label]
+        print(label, {k: round(row[k], 3) for k in ("first_call_s", "wall_ms", "kernels", "busy_ms", "gap_ms")},
+              flush=True)
+        for top in row["top"][:6]:
+            print("   ", round(top["us"], 1), "us", top["launches"], top["name"][:90], flush=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
