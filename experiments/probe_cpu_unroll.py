@@ -2,7 +2,7 @@
 
 Prints and writes, for each choice, the step's compile time and its steady time per token (20 timed steps
 after 3 untimed ones, greedy, a 256-slot cache), beside the bound of reading the float32 weights once per
-token at the host's measured read bandwidth. ``mtijax.engine.loop.decode_unroll`` picks the rolled scan on
+token at the host's measured read bandwidth. ``mtijax.engine.loop.layer_unroll`` picks the rolled scan on
 the CPU from this.
 
     python experiments/probe_cpu_unroll.py --out experiments/results/probe_cpu_unroll.json

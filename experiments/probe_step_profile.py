@@ -4,15 +4,19 @@ For each variant (a model of random bfloat16 weights in a preset's shapes, greed
 warmed up, then a few calls run under ``jax.profiler.trace`` and the trace's device plane is read back
 (``jax.profiler.ProfileData``): every kernel on the GPU's streams, with its duration. Per step:
 
-* ``wall_ms``: the calls' wall time over the profiled window, per step;
+* ``steady_ms`` (decode): milliseconds per step of 64 steps run before the profiled ones, untraced;
+* ``wall_ms``: the calls' wall time over the profiled window, per step (the tracer's own cost included);
 * ``kernels``: kernels launched per step; ``busy_ms``: the sum of their durations per step;
 * ``gap_ms``: ``wall - busy``, time the GPU waited (launch latency, host work, synchronisation);
-* ``top``: the kernels that took the most time per step (name, launches and microseconds per step).
+* ``top``: the kernels that took the most time per step (name, launches and microseconds per step);
+* ``first_call_s`` and ``first_call_host_events``: the variant's first call (its compiles), traced too, with the
+  host's events summed by name (XLA's compiler passes among them).
 
 Variants: decode at batch 1 and 8 on the default ladder (a 128-token prompt: the 256-slot cache rung), on a
 rung pinned at 8k and 32k (``Ladder(max_context=...)``; the rolling layout) and at 8k in the full layout, with the
 decode layer scan unrolled (the default on GPUs) and rolled; and a 2k-token prefill (the call up to its first
-token) with 256- and 2048-token chunks. ``XLA_FLAGS`` is recorded: run the script again under other flags to
+token) with 256- and 2048-token chunks, its layer scan rolled (the default) and unrolled; and decode with every
+layer's weights in buffers of their own (``split``: ``mtijax.engine.loop.split_params``). ``XLA_FLAGS`` is recorded: run the script again under other flags to
 compare them.
 
     python experiments/probe_step_profile.py gemma3-270m /tmp/profile.json [variant,variant,...]
@@ -41,7 +45,7 @@ from mtijax.generate import start_run
 
 from bench_generate import model_config
 
-STEPS, SKIP = 16, 8
+STEPS, SKIP, TIMED = 16, 8, 64
 
 VARIANTS = {
     "decode_b1_r256": dict(batch=1, prompt=128),
@@ -53,6 +57,13 @@ VARIANTS = {
     "decode_b8_r8k_ring": dict(batch=8, prompt=128, max_context=8192),
     "prefill_2k_chunk256": dict(batch=1, prompt=2048, prefill=True),
     "prefill_2k_chunk2048": dict(batch=1, prompt=2048, prefill=True, chunk=2048),
+    "prefill_2k_chunk256_unrolled": dict(batch=1, prompt=2048, prefill=True, prefill_unroll=True),
+    "prefill_2k_chunk2048_unrolled": dict(batch=1, prompt=2048, prefill=True, chunk=2048, prefill_unroll=True),
+    "decode_b8_r256_rolled": dict(batch=8, prompt=128, unroll=1),
+    "decode_b1_r256_split": dict(batch=1, prompt=128, split=True),
+    "decode_b8_r256_split": dict(batch=8, prompt=128, split=True),
+    "decode_b1_r8k_ring_split": dict(batch=1, prompt=128, max_context=8192, split=True),
+    "decode_b1_r8k_ring_rolled": dict(batch=1, prompt=128, max_context=8192, unroll=1),
 }
 
 
@@ -68,6 +79,21 @@ def device_kernels(trace_dir: str) -> list[tuple[str, int, int]]:
                 continue
             kernels += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events]
     return kernels
+
+
+def host_events(trace_dir: str) -> list[dict]:
+    """The host-side events of the trace in ``trace_dir`` (XLA's compiler passes among them), summed by name:
+    the 40 longest (nested events each count their own whole duration)."""
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    total: dict[str, list[int]] = collections.defaultdict(list)
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        if plane.name.startswith("/host"):
+            for line in plane.lines:
+                for e in line.events:
+                    if not e.name.startswith("$"):
+                        total[e.name].append(int(e.duration_ns))
+    top = sorted(total.items(), key=lambda kv: -sum(kv[1]))[:40]
+    return [{"name": n[:160], "count": len(d), "s": sum(d) / 1e9} for n, d in top]
 
 
 def summarise(kernels: list[tuple[str, int, int]], steps: int, wall_s: float) -> dict:
@@ -93,16 +119,20 @@ def profile(config: mtijax.ModelConfig, params: dict, spec: dict) -> dict:
     ladder = ladder_for(spec)
     unroll = spec.get("unroll", True)
     jax.clear_caches()  # the step's unroll is no jit argument: compile each variant afresh
-    original = loop.decode_unroll
-    loop.decode_unroll = lambda: unroll
+    unrolls = {"decode": unroll, "prefill": spec.get("prefill_unroll", 1)}
+    original, original_split = loop.layer_unroll, loop.split_layers
+    loop.layer_unroll = unrolls.get
+    loop.split_layers = lambda: spec.get("split", False)
     try:
         def steps(n: int):
             return start_run(config, params, prompts, n, policy=Plain(Sampling()), stop_ids=(), ladder=ladder)[1]
 
-        t0 = time.perf_counter()
-        state, _ = next(steps(1))
-        jax.block_until_ready(state.token)
-        first_s = time.perf_counter() - t0
+        compile_dir = tempfile.mkdtemp()
+        with jax.profiler.trace(compile_dir):
+            t0 = time.perf_counter()
+            state, _ = next(steps(1))
+            jax.block_until_ready(state.token)
+            first_s = time.perf_counter() - t0
         trace_dir = tempfile.mkdtemp()
         if spec.get("prefill"):
             for _ in range(2):
@@ -113,10 +143,15 @@ def profile(config: mtijax.ModelConfig, params: dict, spec: dict) -> dict:
                 wall = time.perf_counter() - t0
             out = summarise(device_kernels(trace_dir), 1, wall)
         else:
-            run = steps(SKIP + STEPS)
+            run = steps(SKIP + TIMED + STEPS)
             for _ in range(SKIP):
                 state, _ = next(run)
             jax.block_until_ready(state.token)
+            t0 = time.perf_counter()
+            for _ in range(TIMED):
+                state, _ = next(run)
+            jax.block_until_ready(state.token)
+            steady_ms = 1e3 * (time.perf_counter() - t0) / TIMED
             with jax.profiler.trace(trace_dir):
                 t0 = time.perf_counter()
                 for _ in range(STEPS):
@@ -124,10 +159,12 @@ def profile(config: mtijax.ModelConfig, params: dict, spec: dict) -> dict:
                 jax.block_until_ready(state.token)
                 wall = time.perf_counter() - t0
             out = summarise(device_kernels(trace_dir), STEPS, wall)
+            out["steady_ms"] = steady_ms
         out["first_call_s"] = first_s
+        out["first_call_host_events"] = host_events(compile_dir)
         return out
     finally:
-        loop.decode_unroll = original
+        loop.layer_unroll, loop.split_layers = original, original_split
 
 
 def main() -> None:
@@ -141,7 +178,8 @@ def main() -> None:
         spec = VARIANTS[label]
         result["variants"][label] = {"spec": spec, **profile(config, params, spec)}
         row = result["variants"][label]
-        print(label, {k: round(row[k], 3) for k in ("first_call_s", "wall_ms", "kernels", "busy_ms", "gap_ms")},
+        print(label, {k: round(row[k], 3) for k in ("first_call_s", "steady_ms", "wall_ms", "kernels", "busy_ms", "gap_ms")
+                     if k in row},
               flush=True)
         for top in row["top"][:6]:
             print("   ", round(top["us"], 1), "us", top["launches"], top["name"][:90], flush=True)

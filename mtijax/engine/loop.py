@@ -9,7 +9,7 @@ plain, patched, fused and gated generation:
 - ``start``: the cache edit, and the decode state before call 0;
 - ``decode step``: feed each row's token, sample the next, update the state (the cache and state are
   donated). On accelerators its layer scan is unrolled, so no per-layer weight slices are copied; on the
-  CPU it stays rolled (:func:`decode_unroll`).
+  CPU it stays rolled (:func:`layer_unroll`).
 
 They are compiled once per model, params layout, batch bucket, cache rung and intervention structure
 (:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. Steps
@@ -131,7 +131,8 @@ def prefill_chunk(config: ModelConfig, layout: str, params: Params, cache: kv.KV
     patches = {**interventions.patches, **chunk_patches(interventions.prompt_patches, start, tokens.shape[1])}
     transforms, outputs = _grafts(interventions, carry)
     out = forward_hidden(config, params, tokens, positions, cache=cache, write_index=start, patches=patches,
-                         transforms=transforms, router=_router(interventions.router, router_state), layout=layout)
+                         transforms=transforms, router=_router(interventions.router, router_state), layout=layout,
+                         unroll=layer_unroll("prefill"))
     return out.cache, {layer: outputs[layer][0] for layer in carry}, out.router_state
 
 
@@ -150,24 +151,49 @@ def start(config: ModelConfig, cache: kv.KVCache, carry: dict[int, Any], router_
                  router_state)
 
 
-def decode_unroll() -> bool | int:
-    """The decode step's layer-scan ``unroll``: True on accelerators, 1 (rolled) on the CPU backend.
+def layer_unroll(kind: str) -> bool | int:
+    """The layer scan's ``unroll`` for ``kind`` ``"decode"`` (the decode step) or ``"prefill"`` (a prefill chunk).
 
-    On the CPU the rolled step compiles several times faster and also runs faster
+    The prefill chunk stays rolled. The decode step is unrolled on accelerators, rolled (1) on the CPU backend:
+    on the CPU the rolled step compiles several times faster and also runs faster
     (``experiments/probe_cpu_unroll.py``, whose figures the README quotes); on the H200 the unrolled step
     is the faster one (``experiments/probe_compile_levers.py``)."""
-    return True if jax.default_backend() != "cpu" else 1
+    return True if kind == "decode" and jax.default_backend() != "cpu" else 1
+
+
+def split_layers() -> bool:
+    """Whether the decode step takes every layer's weights as separate arrays (:func:`split_params`)."""
+    return False
+
+
+def split_params(params: Params) -> Params:
+    """``params`` with ``layers`` as a tuple of per-layer dicts (each array its own buffer: a copy of the weights)."""
+    layers = params["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a: a[l], layers) for l in range(count))}
+
+
+_split_jit = jax.jit(split_params)
+
+
+def _joined(params: Params) -> Params:
+    """``params`` with split layers (:func:`split_params`) stacked again; XLA folds each layer's slice of the stack
+    back to that layer's own array."""
+    if not isinstance(params["layers"], tuple):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
 
 
 def decode_step(config: ModelConfig, layout: str, policy: Policy, record_logits: bool, params: Params, state: State,
                 interventions: Interventions, stops: jax.Array, suppress: jax.Array | None) -> tuple[State, Record]:
     """Decode call ``state.step``: feed every row's token, choose the next (see :class:`Record`)."""
+    params = _joined(params)
     patches = {**interventions.patches, **{site: p.at(state.step) for site, p in interventions.step_patches.items()}}
     transforms, outputs = _grafts(interventions, state.carry)
     sites = tuple(sorted({site for site, _ in interventions.trace}))
     out = forward_hidden(config, params, state.token[:, None], state.position[:, None], cache=state.cache,
                          write_index=state.slot, patches=patches, capture=sites, transforms=transforms,
-                         router=_router(interventions.router, state.router), layout=layout, unroll=decode_unroll())
+                         router=_router(interventions.router, state.router), layout=layout, unroll=layer_unroll("decode"))
     return finish(config, policy, record_logits, params, state, out.hidden[:, -1], out.cache, out.captured,
                   out.router_state, outputs, interventions, stops, suppress)
 
@@ -220,13 +246,15 @@ class Resident(NamedTuple):
     params: Params
     chunk_fn: Callable | None = None
     step_fn: Callable | None = None
+    step_params: Params | None = None
 
     def prefill_chunk(self, cache, carry, router_state, tokens, positions, start, interventions):
         return (self.chunk_fn or _chunk_jit)(self.config, self.layout, self.params, cache, carry, router_state,
                                              tokens, positions, start, interventions)
 
     def decode_step(self, policy, record_logits, state, interventions, stops, suppress):
-        return (self.step_fn or _step_jit)(self.config, self.layout, policy, record_logits, self.params, state,
+        params = self.params if self.step_params is None else self.step_params
+        return (self.step_fn or _step_jit)(self.config, self.layout, policy, record_logits, params, state,
                                            interventions, stops, suppress)
 
 
@@ -317,7 +345,8 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     if sweep_axes is not None and stack is not None:
         raise MtijaxError("a sweep runs on resident params; give params, not a layer stack")
     rolling = request.rolling and stack is None and interventions.cache_edit is None
-    stack = Resident(config, layout, params) if stack is None else stack
+    if stack is None:
+        stack = Resident(config, layout, params, step_params=_split_jit(params) if split_layers() else None)
     rows = request.rows
     start_fn = _start_jit
     windows = family(config).layer_spec(config)["window"] if rolling else None
