@@ -122,7 +122,7 @@ def profile(config: mtijax.ModelConfig, params: dict, spec: dict) -> dict:
     unrolls = {"decode": unroll, "prefill": spec.get("prefill_unroll", 1)}
     original, original_split = loop.layer_unroll, loop.split_layers
     loop.layer_unroll = unrolls.get
-    loop.split_layers = lambda: spec.get("split", False)
+    loop.split_layers = lambda _: spec.get("split", False)
     try:
         def steps(n: int):
             return start_run(config, params, prompts, n, policy=Plain(Sampling()), stop_ids=(), ladder=ladder)[1]

@@ -147,6 +147,31 @@ def test_a_new_batch_bucket_or_cache_rung_compiles_once_more_and_then_is_shared(
     assert loop.compiled_counts()["decode_step"] == after_three["decode_step"] + 1
 
 
+def test_accelerators_start_the_cache_ladder_at_8192_slots_unless_every_layer_keeps_them(monkeypatch):
+    """On accelerators one rung serves every prompt up to 8192 slots; where every layer keeps the full length
+    (streamer, sharded generation, KV edits) and on the CPU the rungs start at 256."""
+    from mtijax.engine.ladder import default_ladder
+
+    assert default_ladder().min_cache == 256 and default_ladder().chunk == 64  # this CPU backend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert default_ladder().cache_length(300, 32768) == 8192
+    assert default_ladder().cache_length(9000, 32768) == 16384
+    assert default_ladder(rolling=False).cache_length(300, 32768) == 512
+
+
+def test_decode_on_per_layer_weight_buffers_gives_the_same_tokens(model, monkeypatch):
+    """Split layers (each layer's weights in arrays of their own, stacked again inside the step) change how XLA
+    sees the weights, not what the step computes: the same greedy tokens, and the same sampled ones."""
+    prompts = random_prompts(11, [6, 2, 9])
+    plain = [generate(model.config, model.params, prompts, 10, stop_ids=(), sampling=s).tokens
+             for s in (Sampling(), Sampling(temperature=0.8, top_k=20))]
+    monkeypatch.setattr(loop, "split_layers", lambda params: True)
+    split = [generate(model.config, model.params, prompts, 10, stop_ids=(), sampling=s).tokens
+             for s in (Sampling(), Sampling(temperature=0.8, top_k=20))]
+    np.testing.assert_array_equal(split[0], plain[0])
+    np.testing.assert_array_equal(split[1], plain[1])
+
+
 def test_a_request_beyond_the_context_is_refused_before_any_work():
     m = random_tiny_model()
     limit = m.config.max_position_embeddings

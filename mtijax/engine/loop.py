@@ -161,9 +161,25 @@ def layer_unroll(kind: str) -> bool | int:
     return True if kind == "decode" and jax.default_backend() != "cpu" else 1
 
 
-def split_layers() -> bool:
-    """Whether the decode step takes every layer's weights as separate arrays (:func:`split_params`)."""
-    return False
+SPLIT_FRACTION = 8
+"""The decode step gets per-layer weight buffers when the layers' weights take at most ``1 / SPLIT_FRACTION`` of the
+device's memory (the split is a copy of them for the call)."""
+
+
+def split_layers(params: Params) -> bool:
+    """Whether the decode step takes every layer's weights as arrays of their own (:func:`split_params`).
+
+    On accelerators, when the copy is small beside the device's memory. A stacked layer's weights reach XLA as
+    slices of one array at a different offset per layer, so the unrolled step's layers are all different kernels,
+    each compiled and autotuned; split, the layers are one kernel set. On the H200 the 270M's first decode call
+    (8k rung) took 7.6 s split against 15.4 s stacked, at the same GPU time per step
+    (``experiments/probe_step_profile.py``)."""
+    if jax.default_backend() == "cpu":
+        return False
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    size = sum(a.nbytes for a in jax.tree.leaves(params["layers"]))
+    return limit is not None and size * SPLIT_FRACTION <= limit
 
 
 def split_params(params: Params) -> Params:
@@ -346,7 +362,7 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
         raise MtijaxError("a sweep runs on resident params; give params, not a layer stack")
     rolling = request.rolling and stack is None and interventions.cache_edit is None
     if stack is None:
-        stack = Resident(config, layout, params, step_params=_split_jit(params) if split_layers() else None)
+        stack = Resident(config, layout, params, step_params=_split_jit(params) if split_layers(params) else None)
     rows = request.rows
     start_fn = _start_jit
     windows = family(config).layer_spec(config)["window"] if rolling else None

@@ -301,7 +301,7 @@ def generate_patched(config: ModelConfig, params: Params, target: Sequence[int],
     for site, layers in trace_spec:
         check_site(config, site)
         layer_mask(config.num_layers, layers)
-    ladder = ladder or default_ladder()
+    ladder = ladder or default_ladder(rolling=plan.kv is None)  # a KV edit keeps the full layout
     recompute = plan.first_token == "recompute"
 
     source_capture, min_width = None, 0
