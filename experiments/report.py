@@ -467,7 +467,35 @@ def _compile_table(b: dict, source: str) -> str:
 @table("bench_compile_h200", "bench_compile_h200.json")
 def bench_compile_h200(b: dict) -> str:
     """The compile costs on the H200."""
-    return _compile_table(b, "bench_compile_h200.json")
+    return f"Code: {b['machine']['commit']}. " + _compile_table(b, "bench_compile_h200.json")
+
+
+@table("bench_compile_h200_before", "bench_compile_h200_before.json")
+def bench_compile_h200_before(b: dict) -> str:
+    """The H200's compile costs before the 8192-slot rung and the per-layer weight buffers (three models)."""
+    return f"Code: {b['machine']['commit']}. " + _compile_table(b, "bench_compile_h200_before.json")
+
+
+@table("step_profile_h200", "probe_step_profile_270m_h200.json")
+def step_profile_h200(results: dict) -> str:
+    """Per variant and code: the first call (compiles), the untraced step, GPU time and kernels per step."""
+    rows = []
+    for number, run in enumerate(results["runs"], 1):
+        for name, v in run["variants"].items():
+            prefill = name.startswith("prefill")
+            rows.append([number, name.replace("_", " "), f"{v['first_call_s']:.1f} s",
+                         "-" if "steady_ms" not in v else f"{v['steady_ms']:.2f} ms",
+                         f"{v['wall_ms']:.2f} ms", f"{v['busy_ms']:.2f} ms", num(v["kernels"]),
+                         "call" if prefill else "step"])
+    codes = "; ".join(f"run {n}: {run['code']}" for n, run in enumerate(results["runs"], 1))
+    head = (f"Measured on {results['runs'][0]['device']} (jax {results['runs'][0]['jax']}), Gemma 3 270M shapes "
+            "(random bfloat16), greedy, no persistent compilation cache; `r256` variants ran on the default ladder "
+            "of their commit (a 512-slot rung), `r8k`/`r32k` on a pinned rung; first call: the variant's first "
+            "call in its process (compiles; XLA's in-process autotuning results carry over from earlier variants "
+            "of the same run); steady: 64 untraced steps; traced: wall time per step under the profiler; GPU "
+            f"time: the kernels' summed durations. {codes}. `experiments/results/probe_step_profile_270m_h200.json`.")
+    return "\n".join([head, "", markdown(["run", "variant", "first call", "steady", "traced", "GPU time", "kernels",
+                                           "per"], rows)])
 
 
 @table("bench_compile_cpu", "bench_compile_cpu.json")
