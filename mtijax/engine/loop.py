@@ -8,8 +8,9 @@ plain, patched, fused and gated generation:
   scan: cheap to compile, and its cost is shared by the chunk's tokens);
 - ``start``: the cache edit, and the decode state before call 0;
 - ``decode step``: feed each row's token, sample the next, update the state (the cache and state are
-  donated). On accelerators its layer scan is unrolled, so no per-layer weight slices are copied; on the
-  CPU it stays rolled (:func:`layer_unroll`).
+  donated). On accelerators its layer scan is unrolled, so no per-layer weight slices are copied, and it takes
+  every layer's weights as buffers of their own where they fit (:func:`split_layers`); on the CPU it stays
+  rolled (:func:`layer_unroll`).
 
 They are compiled once per model, params layout, batch bucket, cache rung and intervention structure
 (:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. Steps
