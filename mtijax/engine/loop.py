@@ -172,8 +172,8 @@ def split_layers(params: Params) -> bool:
 
     On accelerators, when the copy is small beside the device's memory. A stacked layer's weights reach XLA as
     slices of one array at a different offset per layer, so the unrolled step's layers are all different kernels,
-    each compiled and autotuned; split, the layers are one kernel set. On the H200 the 270M's first decode call
-    (8k rung) took 7.6 s split against 15.4 s stacked, at the same GPU time per step
+    each compiled and autotuned; split, the layers are one kernel set. On the H200 the 270M's first decode call in a
+    fresh process took 13.4 s split against 20.2 s stacked, at the same GPU time per step
     (``experiments/probe_step_profile.py``)."""
     if jax.default_backend() == "cpu":
         return False
@@ -210,7 +210,8 @@ def decode_step(config: ModelConfig, layout: str, policy: Policy, record_logits:
     sites = tuple(sorted({site for site, _ in interventions.trace}))
     out = forward_hidden(config, params, state.token[:, None], state.position[:, None], cache=state.cache,
                          write_index=state.slot, patches=patches, capture=sites, transforms=transforms,
-                         router=_router(interventions.router, state.router), layout=layout, unroll=layer_unroll("decode"))
+                         router=_router(interventions.router, state.router), layout=layout,
+                         unroll=layer_unroll("decode"))
     return finish(config, policy, record_logits, params, state, out.hidden[:, -1], out.cache, out.captured,
                   out.router_state, outputs, interventions, stops, suppress)
 

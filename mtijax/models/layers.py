@@ -7,7 +7,6 @@ K = key/value heads, G = N // K, H = head_dim, D = hidden size.
 from __future__ import annotations
 
 import functools
-
 from typing import Sequence
 
 import jax
