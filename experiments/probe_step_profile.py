@@ -16,7 +16,8 @@ Variants: decode at batch 1 and 8 on the default ladder (a 128-token prompt: the
 rung pinned at 8k and 32k (``Ladder(max_context=...)``; the rolling layout) and at 8k in the full layout, with the
 decode layer scan unrolled (the default on GPUs) and rolled; and a 2k-token prefill (the call up to its first
 token) with 256- and 2048-token chunks, its layer scan rolled (the default) and unrolled; and decode with every
-layer's weights in buffers of their own (``split``: ``mtijax.engine.loop.split_params``). ``XLA_FLAGS`` is recorded: run the script again under other flags to
+layer's weights in buffers of their own (``split``: ``mtijax.engine.loop.split_params``). ``XLA_FLAGS`` is
+recorded: run the script again under other flags to
 compare them.
 
     python experiments/probe_step_profile.py gemma3-270m /tmp/profile.json [variant,variant,...]
@@ -178,9 +179,8 @@ def main() -> None:
         spec = VARIANTS[label]
         result["variants"][label] = {"spec": spec, **profile(config, params, spec)}
         row = result["variants"][label]
-        print(label, {k: round(row[k], 3) for k in ("first_call_s", "steady_ms", "wall_ms", "kernels", "busy_ms", "gap_ms")
-                     if k in row},
-              flush=True)
+        shown = ("first_call_s", "steady_ms", "wall_ms", "kernels", "busy_ms", "gap_ms")
+        print(label, {k: round(row[k], 3) for k in shown if k in row}, flush=True)
         for top in row["top"][:6]:
             print("   ", round(top["us"], 1), "us", top["launches"], top["name"][:90], flush=True)
         with open(path, "w") as f:
