@@ -12,13 +12,13 @@ warmed up, then a few calls run under ``jax.profiler.trace`` and the trace's dev
 * ``first_call_s`` and ``first_call_host_events``: the variant's first call (its compiles), traced too, with the
   host's events summed by name (XLA's compiler passes among them).
 
-Variants: decode at batch 1 and 8 on the default ladder (a 128-token prompt: the 256-slot cache rung), on a
+Variants: decode at batch 1 and 8 on the default ladder (a 128-token prompt; ``r256``: the committed runs put it
+on a 512-slot rung, which 7ac38a9 replaced by 8192 slots on accelerators), on a
 rung pinned at 8k and 32k (``Ladder(max_context=...)``; the rolling layout) and at 8k in the full layout, with the
 decode layer scan unrolled (the default on GPUs) and rolled; and a 2k-token prefill (the call up to its first
 token) with 256- and 2048-token chunks, its layer scan rolled (the default) and unrolled; and decode with every
 layer's weights in buffers of their own (``split``: ``mtijax.engine.loop.split_params``). ``XLA_FLAGS`` is
-recorded: run the script again under other flags to
-compare them.
+recorded: run the script again under other flags to compare them.
 
     python experiments/probe_step_profile.py gemma3-270m /tmp/profile.json [variant,variant,...]
 """
