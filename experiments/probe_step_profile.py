@@ -4,7 +4,7 @@ For each variant (a model of random bfloat16 weights in a preset's shapes, greed
 warmed up, then a few calls run under ``jax.profiler.trace`` and the trace's device plane is read back
 (``jax.profiler.ProfileData``): every kernel on the GPU's streams, with its duration. Per step:
 
-* ``steady_ms`` (decode): milliseconds per step of 64 steps run before the profiled ones, untraced;
+* ``steady_ms`` (decode): milliseconds per step of 64 untraced steps (``bench_generate.steady_step_s``);
 * ``wall_ms``: the calls' wall time over the profiled window, per step (the tracer's own cost included);
 * ``kernels``: kernels launched per step; ``busy_ms``: the sum of their durations per step;
 * ``gap_ms``: ``wall - busy``, time the GPU waited (launch latency, host work, synchronisation);
@@ -44,7 +44,7 @@ from mtijax.engine.ladder import Ladder, default_ladder
 from mtijax.engine.sampling import Plain, Sampling
 from mtijax.generate import start_run
 
-from bench_generate import model_config
+from bench_generate import model_config, steady_step_s
 
 STEPS, SKIP, TIMED = 16, 8, 64
 
@@ -68,11 +68,16 @@ VARIANTS = {
 }
 
 
+def planes(trace_dir: str) -> list:
+    """The planes (one per device, and the host's) of the trace that ``jax.profiler.trace`` wrote in ``trace_dir``."""
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    return list(jax.profiler.ProfileData.from_file(path).planes)
+
+
 def device_kernels(trace_dir: str) -> list[tuple[str, int, int]]:
     """``(name, start_ns, duration_ns)`` of every kernel on the GPU streams of the trace in ``trace_dir``."""
-    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
     kernels = []
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
+    for plane in planes(trace_dir):
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
@@ -85,9 +90,8 @@ def device_kernels(trace_dir: str) -> list[tuple[str, int, int]]:
 def host_events(trace_dir: str) -> list[dict]:
     """The host-side events of the trace in ``trace_dir`` (XLA's compiler passes among them), summed by name:
     the 40 longest (nested events each count their own whole duration)."""
-    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
     total: dict[str, list[int]] = collections.defaultdict(list)
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
+    for plane in planes(trace_dir):
         if plane.name.startswith("/host"):
             for line in plane.lines:
                 for e in line.events:
@@ -144,15 +148,11 @@ def profile(config: mtijax.ModelConfig, params: dict, spec: dict) -> dict:
                 wall = time.perf_counter() - t0
             out = summarise(device_kernels(trace_dir), 1, wall)
         else:
-            run = steps(SKIP + TIMED + STEPS)
+            steady_ms = 1e3 * steady_step_s(config, params, prompts, TIMED, SKIP, ladder)
+            run = steps(SKIP + STEPS)
             for _ in range(SKIP):
                 state, _ = next(run)
             jax.block_until_ready(state.token)
-            t0 = time.perf_counter()
-            for _ in range(TIMED):
-                state, _ = next(run)
-            jax.block_until_ready(state.token)
-            steady_ms = 1e3 * (time.perf_counter() - t0) / TIMED
             with jax.profiler.trace(trace_dir):
                 t0 = time.perf_counter()
                 for _ in range(STEPS):

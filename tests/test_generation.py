@@ -159,6 +159,24 @@ def test_accelerators_start_the_cache_ladder_at_8192_slots_unless_every_layer_ke
     assert default_ladder(rolling=False).cache_length(300, 32768) == 512
 
 
+def test_layers_are_split_for_decode_only_on_accelerators_with_room_for_the_copy(model, monkeypatch):
+    """The per-layer copy is made where the layers take at most 1/8 of the device's memory, never on the CPU."""
+    size = sum(a.nbytes for a in jax.tree.leaves(model.params["layers"]))
+    assert not loop.split_layers(model.params)  # this CPU backend
+
+    class Device:
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return {"bytes_limit": self.limit}
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for limit, split in ((8 * size, True), (8 * size - 1, False)):
+        monkeypatch.setattr(jax, "devices", lambda limit=limit: [Device(limit)])
+        assert loop.split_layers(model.params) is split
+
+
 def test_decode_on_per_layer_weight_buffers_gives_the_same_tokens(model, monkeypatch):
     """Split layers (each layer's weights in arrays of their own, stacked again inside the step) change how XLA
     sees the weights, not what the step computes: the same greedy tokens, and the same sampled ones."""
