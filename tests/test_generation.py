@@ -7,6 +7,8 @@ softmax computed independently with NumPy.
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,9 +109,9 @@ def test_stream_yields_the_same_tokens_as_generate(model, sampling):
     assert streamed.tolist() == looped.tokens.tolist()
 
 
-def random_tiny_model() -> Model:
+def random_tiny_model(vocab_size: int = 256) -> Model:
     """A tiny model with random mtijax params and a config no fixture uses."""
-    config = Gemma3Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+    config = Gemma3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                           num_kv_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=3,
                           layer_types=("sliding_attention", "full_attention"))
     return Model(config, init_params(config, jax.random.key(0), scale=0.3), None, "random")
@@ -132,6 +134,29 @@ def test_new_prompt_lengths_and_max_new_tokens_trigger_no_compilation():
         generate(m.config, m.params, random_prompts(length, [length]), new, stop_ids=())
     stream_tokens(m.config, m.params, random_prompts(7, [3]), 12, stop_ids=())
     assert loop.compiled_counts() == first
+
+
+def test_the_decode_step_compiles_once_on_a_background_thread_while_the_prefill_runs():
+    """A request of a new shape compiles its decode step on the compile-ahead thread, beside the prefill; the
+    step's first call finds that program and compiles nothing, whether the params are committed to a device
+    (``jax.device_put``) or not (the outputs of a jit). Compilations are counted with their thread."""
+    threads = []
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration" and "decode_step" in str(kwargs.get("fun_name")):
+            threads.append(threading.current_thread().name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for committed in (False, True):
+            m = random_tiny_model(vocab_size=260 + committed)  # a signature this process has not compiled
+            params = jax.device_put(m.params, jax.devices()[0]) if committed else m.params
+            assert jax.tree.leaves(params)[0].committed is committed
+            for length in (5, 70):
+                generate(m.config, params, random_prompts(length, [length]), 4, stop_ids=())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(threads) == 2 and all(name.startswith("mtijax-compile-ahead") for name in threads)
 
 
 def test_a_new_batch_bucket_or_cache_rung_compiles_once_more_and_then_is_shared():

@@ -26,6 +26,7 @@ axis.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import warnings
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
@@ -276,6 +277,41 @@ class Resident(NamedTuple):
                                            interventions, stops, suppress)
 
 
+_compiler = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtijax-compile-ahead")
+_compiled_ahead: set[tuple] = set()
+
+
+def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, start_args: tuple, stops: jax.Array,
+                       suppress: jax.Array | None) -> concurrent.futures.Future | None:
+    """Compile ``stack``'s decode step in a background thread, so that it compiles while the prefill compiles and
+    runs (both are XLA work that releases the GIL); ``None`` if this process already did for this signature.
+
+    ``start_args`` are :func:`start`'s arguments after ``config`` (the cache before the prefill: the prefill keeps
+    its shapes). The step is lowered with the abstract state :func:`start` will return. Its leaves are committed
+    to the device exactly when one of the arguments is (a jit's outputs are committed when any input is), as the
+    real state's will be, so the call finds the compiled program in jit's caches instead of compiling again
+    (``tests/test_generation.py`` counts the compiles)."""
+    args = (stack.params if stack.step_params is None else stack.step_params, start_args, stops, suppress)
+    leaves, treedef = jax.tree.flatten(args)
+    committed = [leaf for leaf in leaves if getattr(leaf, "committed", False)]
+    device = tuple(committed[0].sharding.device_set) if committed else ()
+    signature = (stack.config, stack.layout, policy, record_logits, treedef, device,
+                 tuple((np.shape(leaf), str(getattr(leaf, "dtype", type(leaf))), getattr(leaf, "weak_type", False))
+                       for leaf in leaves))
+    if signature in _compiled_ahead or len(device) > 1:
+        return None
+    _compiled_ahead.add(signature)
+    sharding = jax.sharding.SingleDeviceSharding(device[0]) if device else None
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type, sharding=sharding),
+                         jax.eval_shape(functools.partial(start, stack.config), *start_args))
+    step = stack.step_fn or _step_jit
+
+    def compile_step() -> None:
+        step.lower(stack.config, stack.layout, policy, record_logits, args[0], state, start_args[-1], stops,
+                   suppress).compile()
+    return _compiler.submit(compile_step)
+
+
 def row_keys(seed: int, rows: int) -> jax.Array:
     """Row ``r``'s sampling key: ``fold_in(key(seed), r)``, so a row's draws do not depend on the batch."""
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(jnp.arange(rows))
@@ -363,6 +399,7 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     if sweep_axes is not None and stack is not None:
         raise MtijaxError("a sweep runs on resident params; give params, not a layer stack")
     rolling = request.rolling and stack is None and interventions.cache_edit is None
+    resident = stack is None and sweep_axes is None
     if stack is None:
         stack = Resident(config, layout, params, step_params=_split_jit(params) if split_layers(params) else None)
     rows = request.rows
@@ -381,17 +418,21 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
         cache = jax.tree.map(lambda x: jnp.repeat(x[None], size, axis=0), cache)
         carry, router_state = jax.vmap(lambda i: _initial(i, rows), in_axes=(sweep_axes,), axis_size=size)(
             interventions)
+    keys = row_keys(0, rows) if keys is None else keys
+    start_args = (cache, carry, router_state, policy.start(rows), jnp.asarray(request.first_token),
+                  jnp.asarray(request.first_position), jnp.asarray(request.lengths), jnp.int32(request.width), keys,
+                  interventions)
+    stops = jnp.asarray(request.stops)
+    suppress = None if suppress is None or not suppress.any() else jnp.asarray(suppress)
+    ahead = compile_step_ahead(stack, policy, record_logits, start_args, stops, suppress) if resident else None
     tokens, positions = jnp.asarray(request.tokens), jnp.asarray(request.positions)
     for begin in range(0, request.width, request.chunk):
         cache, carry, router_state = stack.prefill_chunk(
             cache, carry, router_state, tokens[:, begin:begin + request.chunk],
             positions[:, begin:begin + request.chunk], jnp.int32(begin), interventions)
-    keys = row_keys(0, rows) if keys is None else keys
-    state = start_fn(config, cache, carry, router_state, policy.start(rows), jnp.asarray(request.first_token),
-                     jnp.asarray(request.first_position), jnp.asarray(request.lengths), jnp.int32(request.width),
-                     keys, interventions)
-    stops = jnp.asarray(request.stops)
-    suppress = None if suppress is None or not suppress.any() else jnp.asarray(suppress)
+    state = start_fn(config, cache, carry, router_state, *start_args[3:])
+    if ahead is not None:
+        ahead.result()  # the step is compiled (or its compile error is raised here)
     for _ in range(request.max_new_tokens):
         state, record = stack.decode_step(policy, record_logits, state, interventions, stops, suppress)
         yield state, record
