@@ -172,6 +172,37 @@ def test_a_new_batch_bucket_or_cache_rung_compiles_once_more_and_then_is_shared(
     assert loop.compiled_counts()["decode_step"] == after_three["decode_step"] + 1
 
 
+@pytest.mark.parametrize("rolling", [True, False], ids=["rolling layout", "full layout"])
+def test_decode_slots_past_the_rung_wrap_into_the_left_padding(tiny_gqa, rolling):
+    """A rung holds the prompt tokens plus ``max_new_tokens``, not the padded width: prompts of 250 and 100
+    tokens with 6 new ones fit the 256-slot rung although their 249-token prefill pads to 256 slots. The decode
+    slots wrap onto padding, and every step's logits equal a run on a 512-slot rung, resident and streamed."""
+    from mtijax.engine.ladder import Ladder
+    from mtijax.generate import start_run
+    from mtijax.engine.sampling import Plain
+    from mtijax.streaming import StreamedModel
+
+    _, directory = tiny_gqa
+    m = load(directory, progress=False)
+    prompts = random_prompts(13, [250, 100])
+
+    def logits(source, ladder):
+        request, steps = start_run(m.config, source, prompts, 6, policy=Plain(), stop_ids=(), ladder=ladder,
+                                   record_logits=True)
+        run = loop.collect(steps, request, m.config.pad_token_id)
+        return request.cache_length, np.stack([r.logits for r in run.records])
+
+    rung, wrapped = logits(m.params, Ladder(chunk=64, rolling=rolling))
+    roomy, reference = logits(m.params, Ladder(chunk=64, max_context=512, rolling=rolling))
+    assert (rung, roomy) == (256, 512)
+    np.testing.assert_allclose(wrapped, reference, rtol=1e-5, atol=1e-5)
+    if not rolling:
+        with StreamedModel(directory) as streamed:
+            rung, streamed_logits = logits(streamed, Ladder(chunk=64, rolling=False))
+        assert rung == 256
+        np.testing.assert_allclose(streamed_logits, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_accelerators_start_the_cache_ladder_at_8192_slots_unless_every_layer_keeps_them(monkeypatch):
     """On accelerators one rung serves every prompt up to 8192 slots; where every layer keeps the full length
     (streamer, sharded generation, KV edits) and on the CPU the rungs start at 256."""
@@ -185,7 +216,8 @@ def test_accelerators_start_the_cache_ladder_at_8192_slots_unless_every_layer_ke
 
 
 def test_layers_are_split_for_decode_only_on_accelerators_with_room_for_the_copy(model, monkeypatch):
-    """The per-layer copy is made where the layers take at most 1/8 of the device's memory, never on the CPU."""
+    """The per-layer copy is made where the layers take at most 1/SPLIT_FRACTION of the device's memory, never on
+    the CPU."""
     size = sum(a.nbytes for a in jax.tree.leaves(model.params["layers"]))
     assert not loop.split_layers(model.params)  # this CPU backend
 
@@ -197,7 +229,8 @@ def test_layers_are_split_for_decode_only_on_accelerators_with_room_for_the_copy
             return {"bytes_limit": self.limit}
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    for limit, split in ((8 * size, True), (8 * size - 1, False)):
+    fraction = loop.SPLIT_FRACTION
+    for limit, split in ((fraction * size, True), (fraction * size - 1, False)):
         monkeypatch.setattr(jax, "devices", lambda limit=limit: [Device(limit)])
         assert loop.split_layers(model.params) is split
 

@@ -9,7 +9,13 @@ how many prefill chunks run, never a compiled shape.
 Layout of row ``b`` (prompt ``p_b`` of ``n_b`` tokens, prefill width ``W``, a multiple of the chunk)::
 
     slots 0 .. W-1      prefill region: p_b[:-1] right-aligned, positions 0 .. n_b - 2; -1 on padding
-    slot  W + t         decode call t (call 0 holds p_b[-1] at position n_b - 1)
+    slot  (W + t) % T   decode call t (call 0 holds p_b[-1] at position n_b - 1)
+
+The cache's ``T`` slots are counted in tokens, not in padded width: ``T`` holds the longest prefill plus
+``max_new_tokens`` (and at least ``W``). The decode slots past ``T`` wrap to the start of the prefill region,
+which is padding in every row (each row has at least ``W`` - the longest prefill pad slots, and the wrap
+reaches fewer), so a prompt just short of a rung does not need the next one. A front-end that edits the
+cache (``min_width``) may fill that padding, so its ``T`` keeps the whole width plus ``max_new_tokens``.
 
 With ``refeed=True`` (the original seed-001 code's rule) the prefill holds the whole prompt and call 0
 feeds its last token again, at the next position.
@@ -127,6 +133,8 @@ def lay_out(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_token
     first_position[:batch] = -1 if refeed else [len(p) - 1 for p in prompts]
     lengths = np.zeros((rows,), np.int32)
     lengths[:batch] = [len(p) for p in prompts]
-    cache_length = ladder.cache_length(width + max_new_tokens, config.max_position_embeddings)
+    longest_prefill = max(len(p) for p in prefill)
+    needed = width + max_new_tokens if min_width else max(width, longest_prefill + max_new_tokens)
+    cache_length = ladder.cache_length(needed, config.max_position_embeddings)
     return Request(tokens, positions, first_token, first_position, lengths, batch, width, ladder.chunk, cache_length,
                    max_new_tokens, stop_tokens(config, stop_ids), ladder.rolling)

@@ -81,7 +81,8 @@ def layer_slot(sliding: np.ndarray, layer: int) -> tuple[bool, int]:
 
 def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, positions: jax.Array, index: jax.Array,
           sliding: np.ndarray | None = None) -> KVCache:
-    """Write ``S`` new entries at slots ``index .. index + S - 1``.
+    """Write ``S`` new entries at slots ``index .. index + S - 1``, modulo the cache's ``T`` slots (an engine
+    request's decode slots wrap into its left padding: ``mtijax.engine.request``).
 
     Args:
       k_new, v_new: ``[L, B, S, K, H]`` (every layer, in order). positions: ``[B, S]``. index: int32 scalar.
@@ -92,7 +93,7 @@ def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, positions: jax.Arr
         full = write(cache._replace(ring=None), k_new[full_layers], v_new[full_layers], positions, index)
         return full._replace(ring=_write_ring(cache.ring, k_new[ring_layers], v_new[ring_layers], positions, index))
     zero = jnp.zeros((), jnp.int32)
-    index = jnp.asarray(index, jnp.int32)
+    index = jnp.asarray(index, jnp.int32) % cache.length
     start = (zero, zero, index, zero, zero)
     return KVCache(
         jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), start),

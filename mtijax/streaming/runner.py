@@ -586,8 +586,9 @@ class _StreamedStack:
         self._check(state.cache, state.router, interventions)
         model = self.model
         x = embed(model.config, model.resident, state.token[:, None])
-        out = model._pass(x, state.position[:, None], state.cache, state.slot, self.order, self._then(), calls,
-                          state.router, self.request.batch)
+        slot = state.slot % state.cache.length  # decode slots wrap into the left padding (mtijax.engine.request)
+        out = model._pass(x, state.position[:, None], state.cache, slot, self.order, self._then(), calls, state.router,
+                          self.request.batch)
         new, record = _finish(model.config, policy, record_logits, model.resident, state._replace(cache=None),
                               out.x[:, -1], out.captured, out.router_state, outputs, interventions, stops, suppress)
         return new._replace(cache=out.cache), record
