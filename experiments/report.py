@@ -293,7 +293,8 @@ def _host_cache(stats: dict, layers: int, setting: Any = "absent") -> str:
 
 @table("bench_stream", "bench_stream_h100.json")
 def bench_stream(b: dict) -> str:
-    """Everything one streaming benchmark run measured, all at the size it ran; the extrapolation apart."""
+    """Everything one streaming benchmark run measured, all at the size it ran (its JSON's extrapolation to 48
+    layers is not rendered: the README sets no extrapolation beside a measurement)."""
     bw, st, peer, res = b["bandwidth"], b["stream"], b["peer"], b["resident"]
     layers, per = st["layers"], {r["batch"]: r for r in st["batches"]}
     first = per[min(per)]
@@ -334,14 +335,7 @@ def bench_stream(b: dict) -> str:
             f"(hidden {config['hidden_size']}), {st['layer_bytes'] / 1e6:.0f} MB each, bfloat16; "
             f"{_host_cache(st['stats'], layers, st.get('host_cache_layers', 'absent'))}, not the default 8-layer "
             f"LRU; `experiments/results/bench_stream_h100.json`. Every figure is at {layers} layers:")
-    extra = b.get("extrapolated_48_layers")
-    lines = [head, "", markdown(["what", "measured"], rows)]
-    if extra:
-        rates = extra["decode_tok_s"]
-        lines += ["", f"Extrapolation, not a measurement ({extra['note']}): all 48 layers would stream at "
-                      f"{slashed(rates.values())} tok/s at batch {slashed(rates)}. "
-                      "No peer was run at 48 layers."]
-    return "\n".join(lines)
+    return "\n".join([head, "", markdown(["what", "measured"], rows)])
 
 
 # --- seed 002: fusion layers -----------------------------------------------------------------------------------
