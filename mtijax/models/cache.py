@@ -53,7 +53,7 @@ def rolling_window(windows: np.ndarray, length: int) -> int | None:
 
 
 def init_cache(num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int,
-               dtype: jnp.dtype = jnp.float32, windows: np.ndarray | None = None) -> KVCache:
+               dtype: jnp.dtype = jnp.float32, windows: np.ndarray | tuple[int, ...] | None = None) -> KVCache:
     """An empty cache of ``length`` slots; with the layers' ``windows [L]``, in the rolling layout when
     :func:`rolling_window` gives a ring size."""
     window = None if windows is None else rolling_window(windows, length)
