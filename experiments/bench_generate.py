@@ -45,7 +45,8 @@ Bounds, measured in the same run:
   window on sliding layers, the logits of the last token) at the rate of a large bf16 matmul measured in the run.
 
 ``fraction_of_bound`` = mtijax's figure / the bound; ``speedup_vs`` = mtijax's figure / each peer's, and
-``speedup_vs_strongest`` against the fastest peer of the row.
+``speedup_vs_strongest`` against the fastest peer of the row. ``targets``: the H200 targets that apply to the
+row (``DECODE_TARGETS``, ``PREFILL_TARGET``), each with its measured figure and whether it is met.
 
 GPU, one model per invocation (each under 10 minutes: no measurement starts after 420 s, and the longest one,
 a static-cache compile of 12B, takes a few minutes at most; the JSON is rewritten after every measurement, so a
@@ -100,6 +101,13 @@ TINY: dict[str, mtijax.ModelConfig] = {
 """Shapes for the CPU smoke tests (``--tiny``): a sliding window shorter than the prompts, an OLMoE with routing."""
 
 PEERS = ("eager", "static", "compiled")
+
+DECODE_TARGETS = {"gemma3-270m": (0.30, 2.0), "gemma3-1b": (0.50, 2.0), "gemma3-12b": (0.85, 1.3),
+                  "olmoe-1b-7b": (0.40, 2.0)}
+"""The H200 decode targets per preset: ``(fraction of the bound, speedup over the strongest peer)``; the fraction
+applies at batch 1 and 8, the speedup at batch 1."""
+PREFILL_TARGET = 2.0
+"""The H200 prefill target: this many times the strongest peer's prompt tok/s."""
 
 
 def model_config(name: str) -> mtijax.ModelConfig:
@@ -463,6 +471,26 @@ def judge(row: dict) -> None:
     if ours and peers:
         strongest = max(peers, key=peers.get)
         row["strongest_peer"], row["speedup_vs_strongest"] = strongest, ours / peers[strongest]
+    row["targets"] = targets(row)
+
+
+def targets(row: dict) -> dict:
+    """The targets that apply to a judged ``row`` (:data:`DECODE_TARGETS`, :data:`PREFILL_TARGET`; none for long
+    rows or other presets): ``{"fraction_of_bound" | "speedup_vs_strongest": {"target", "measured", "met"}}``,
+    ``measured`` None (and ``met`` False) where the row has no such figure."""
+    wanted = {}
+    if row["kind"] == "decode" and row["model"] in DECODE_TARGETS:
+        fraction, speedup = DECODE_TARGETS[row["model"]]
+        wanted["fraction_of_bound"] = fraction
+        if row["batch"] == 1:
+            wanted["speedup_vs_strongest"] = speedup
+    elif row["kind"] == "prefill":
+        wanted["speedup_vs_strongest"] = PREFILL_TARGET
+    out = {}
+    for name, target in wanted.items():
+        measured = row.get(name)
+        out[name] = {"target": target, "measured": measured, "met": measured is not None and measured >= target}
+    return out
 
 
 def attempt(fn: Callable[[], dict], device: str) -> dict:

@@ -673,6 +673,31 @@ def bench_generate_h200(results: dict) -> str:
          "% of bound", "x strongest peer", "mtijax warm-up", "peer warm-up"], rows)])
 
 
+@table("bench_generate_targets_h200", "bench_generate_h200.json")
+def bench_generate_targets_h200(results: dict) -> str:
+    """Each row's H200 targets (``bench_generate.targets``) in the latest run that measured the row."""
+    latest: dict[tuple, tuple[int, dict]] = {}
+    for number, inv in enumerate(results["invocations"], 1):
+        for r in inv["rows"]:
+            if r.get("targets") and r["mtijax"].get(r["figure"]) is not None and "excluded" not in r:
+                latest[(r["model"], r["kind"], r["batch"], r["prompt_len"])] = (number, r)
+    names = {"fraction_of_bound": "of the bound", "speedup_vs_strongest": "x strongest peer"}
+    rows = []
+    for (model, kind, batch, prompt), (number, r) in sorted(latest.items()):
+        for name, t in r["targets"].items():
+            shown = (pct(t["measured"]) if name == "fraction_of_bound" else f"{t['measured']:.2f}x"
+                     ) if t["measured"] is not None else "-"
+            wanted = pct(t["target"]) if name == "fraction_of_bound" else f"{t['target']:.1f}x"
+            rows.append([MODEL_NAMES.get(model, model), kind, batch, number, names[name], wanted, shown,
+                         "met" if t["met"] else "missed"])
+    head = ("The H200 targets of each measured row, from its latest run in the table above (`targets` in "
+            "`experiments/results/bench_generate_h200.json`; decode: a fraction of the bound at batch 1 and 8 and a "
+            "ratio to the strongest peer at batch 1; prefill: a ratio to the strongest peer). A row the runs did not "
+            "reach (12B and 1B at batch 8, the long rows of the 1B and 12B) has no line.")
+    return "\n".join([head, "", markdown(["model", "row", "batch", "run", "target", "at least", "measured", "result"],
+                                          rows)])
+
+
 @table("rolling_decode_h200", "probe_rolling_decode_270m_h200.json")
 def rolling_decode_h200(results: dict) -> str:
     """The rolling KV cache against the full layout at long contexts: prefill, decode step and cache bytes."""
