@@ -10,7 +10,10 @@ warmed up, then a few calls run under ``jax.profiler.trace`` and the trace's dev
 * ``gap_ms``: ``wall - busy``, time the GPU waited (launch latency, host work, synchronisation);
 * ``top``: the kernels that took the most time per step (name, launches and microseconds per step);
 * ``first_call_s`` and ``first_call_host_events``: the variant's first call (its compiles), traced too, with the
-  host's events summed by name (XLA's compiler passes among them).
+  host's events summed by name (XLA's compiler passes among them);
+* ``bound_ms`` (decode): the bytes a step must read (``bench_generate.decode_bytes``: the weights it uses and the
+  KV entries it attends to) over the copy bandwidth measured at the start of the run (``copy_bandwidth_GBps``),
+  and ``busy_over_bound``: the GPU time per step over that bound (1 would be a step that only moves its bytes).
 
 Variants: decode at batch 1 and 8 on the default ladder (a 128-token prompt; ``r256``: the committed runs put it
 on a 512-slot rung, which 7ac38a9 replaced by 8192 slots on accelerators), on a
@@ -44,7 +47,7 @@ from mtijax.engine.ladder import Ladder, default_ladder
 from mtijax.engine.sampling import Plain, Sampling
 from mtijax.generate import start_run
 
-from bench_generate import model_config, steady_step_s
+from bench_generate import copy_bandwidth, decode_bytes, model_config, steady_step_s
 
 STEPS, SKIP, TIMED = 16, 8, 64
 
@@ -172,14 +175,18 @@ def main() -> None:
     name, path = sys.argv[1], sys.argv[2]
     chosen = sys.argv[3].split(",") if len(sys.argv) > 3 else list(VARIANTS)
     config = model_config(name)
+    bandwidth = copy_bandwidth("cuda", 1.0)
     params = mtijax.init_params(config, jax.random.key(0), jnp.bfloat16)
     result = {"model": name, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "xla_flags": os.environ.get("XLA_FLAGS"), "variants": {}}
+              "xla_flags": os.environ.get("XLA_FLAGS"), "copy_bandwidth_GBps": bandwidth / 1e9, "variants": {}}
     for label in chosen:
         spec = VARIANTS[label]
         result["variants"][label] = {"spec": spec, **profile(config, params, spec)}
         row = result["variants"][label]
-        shown = ("first_call_s", "steady_ms", "wall_ms", "kernels", "busy_ms", "gap_ms")
+        if not spec.get("prefill"):
+            row["bound_ms"] = 1e3 * decode_bytes(config, spec["batch"], spec["prompt"], 2) / bandwidth
+            row["busy_over_bound"] = row["busy_ms"] / row["bound_ms"]
+        shown = ("first_call_s", "steady_ms", "wall_ms", "kernels", "busy_ms", "gap_ms", "bound_ms", "busy_over_bound")
         print(label, {k: round(row[k], 3) for k in shown if k in row}, flush=True)
         for top in row["top"][:6]:
             print("   ", round(top["us"], 1), "us", top["launches"], top["name"][:90], flush=True)
