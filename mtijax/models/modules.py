@@ -5,8 +5,9 @@ leaves of their family's ``param_shapes`` under the same names, blocks stacked o
 ``module(config).apply({"params": params}, tokens)`` runs on what ``mtijax.load`` returns, and
 ``mtijax.forward`` is that call. The module's body is one ``lax.scan`` of :class:`Block` (one layer: the
 family's ``block`` function over that layer's slice of ``params["layers"]``), split at the layers that carry
-a residual transform (each part reads its layers from the whole stack in place, so a split copies no weights);
-the streamer applies the same :class:`Block` to each layer it streams in.
+a residual transform (each part reads its layers from the whole stack in place, so a split copies no weights;
+``mtijax.models.traversal`` walks the layers); the streamer applies the same :class:`Block` to each layer it
+streams in.
 
 Interventions stay call arguments, with ``mtijax.forward``'s semantics: captures, patches (``[L, ...]``
 data, so a sweep is a ``vmap``), residual transforms and the router hook. The captured activations are also
@@ -33,6 +34,7 @@ from mtijax.interventions import Patch, RouterHook, Sites, check_sites
 from mtijax.models import cache as kv
 from mtijax.models.decoder import ForwardOutput, HiddenOutput, Params, ResidualTransform, family
 from mtijax.models.fused import LAYOUT, fuse_qkv_shapes
+from mtijax.models.traversal import Traversal
 
 INIT_SCALE = 0.02
 """The standard deviation of ``Module.init``'s normal draws."""
@@ -138,13 +140,6 @@ def _slot_selector(slots: jax.Array | None, batch: int) -> Callable[[jax.Array],
     return lambda value: jax.vmap(lambda row, index: row[index])(value, slots)
 
 
-def _period(sliding: np.ndarray) -> int:
-    """The shortest ``p`` with ``sliding[l] == sliding[l % p]`` for every layer (6 for Gemma 3's five sliding
-    layers to one global)."""
-    n = len(sliding)
-    return next(p for p in range(1, n + 1) if all(sliding[i] == sliding[i % p] for i in range(n)))
-
-
 def _store(buffer: jax.Array, value: jax.Array, index: jax.Array) -> jax.Array:
     """Write ``value`` as row ``index`` of ``buffer`` (unchanged when ``index`` is -1)."""
     row = jnp.maximum(index, 0)
@@ -232,77 +227,19 @@ class Decoder(nn.Module):
         xs = (params["layers"], spec, cache_xs, dict(patches or {}), router_xs,
               None if keep_layers is None else keep_layers)
 
-        def layer_view(layer: int | jax.Array, in_ring: bool, index: int | jax.Array) -> tuple[jax.Array, ...]:
-            """Layer ``layer``'s ``(k, v, positions)`` in the rolling layout, and the rest of its ``xs``."""
-            part = cache.ring if in_ring else cache
-            at = lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
-            rest = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), xs)
-            return (*rest[:2], (at(part.k), at(part.v), part.positions), *rest[3:])
-
-        def first_xs():
-            if rolling:
-                return layer_view(0, *kv.layer_slot(sliding, 0))
-            return jax.tree.map(lambda a: a[0], xs)
-
+        traversal = Traversal(step, xs, config.num_layers, unroll, cache, sliding)
         kept = {}
         if keep_layers is not None:
-            site_shapes = jax.eval_shape(lambda: layer_step(x, *first_xs()[:5])[2])
+            site_shapes = jax.eval_shape(lambda: layer_step(x, *traversal.layer_xs(0)[:5])[2])
             count = int((keep_layers >= 0).sum())
             kept = {n: jnp.zeros((count, *v.shape), v.dtype) for n, v in site_shapes.items()}
-
-        def layers_of(first: int, last: int) -> tuple[Callable, Any]:
-            """The scan body and its ``xs`` over layers ``first .. last``: the stacked ``xs`` itself for all
-            layers, else the layer indices, each step reading its layer in place (a slice of the stacked
-            weights taken outside the scan would be a copy of them)."""
-            if first == 0 and last == config.num_layers - 1:
-                return step, xs
-
-            def indexed(carry, index):
-                return step(carry, jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
-                                                xs))
-            return indexed, jnp.arange(first, last + 1)
-
-        period = _period(sliding) if rolling else 1
-
-        def group(carry, g):
-            """Layers ``g * period .. g * period + period - 1`` of the rolling layout, each with its part."""
-            outs = []
-            for j in range(period):
-                in_ring, rank = kv.layer_slot(sliding, j)
-                per_group = int((sliding[:period] == in_ring).sum())
-                carry, y = step(carry, layer_view(g * period + j, in_ring, g * per_group + rank))
-                outs.append(y)
-            return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-
-        def rolling_layers(first: int, last: int, carry):
-            """Layers ``first .. last`` over the rolling layout: a scan over whole periods of layer types, single
-            layers where the range starts or ends inside a period; outputs stacked in layer order. Fully
-            unrolled (``unroll=True``), every layer is a single one, so its slices have static indices: traced
-            ones, constant after unrolling, stayed 307 dynamic slices in XLA's optimised 270M decode step
-            (against 1), and the H200 decoded an 8k context at 561 instead of 845 tok/s."""
-            pieces, layer = [], first
-            while layer <= last:
-                if unroll is not True and layer % period == 0 and layer + period - 1 <= last:
-                    groups = jnp.arange(layer // period, (last + 1) // period)
-                    carry, ys = jax.lax.scan(group, carry, groups, unroll=unroll)
-                    pieces.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys))
-                    layer = (last + 1) // period * period
-                else:
-                    carry, y = step(carry, layer_view(layer, *kv.layer_slot(sliding, layer)))
-                    pieces.append(jax.tree.map(lambda a: a[None], y))
-                    layer += 1
-            return carry, pieces[0] if len(pieces) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *pieces)
 
         segments = []
         start = 0
         for stop in sorted(transforms) + [config.num_layers - 1]:
             if stop < start:
                 continue
-            if rolling:
-                (x, kept), ys = rolling_layers(start, stop, (x, kept))
-            else:
-                body, segment_xs = layers_of(start, stop)
-                (x, kept), ys = jax.lax.scan(body, (x, kept), segment_xs, unroll=unroll)
+            (x, kept), ys = traversal.run((x, kept), start, stop)
             segments.append(ys)
             if stop in transforms:
                 x = transforms[stop](x, positions)
