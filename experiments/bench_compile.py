@@ -53,6 +53,9 @@ GPU (about 6 minutes; the targets are for an NVIDIA H200)::
 
     python experiments/bench_compile.py --budget-s 330 --grace-s 30 --out experiments/results/bench_compile_h200.json
 
+Without the engine's background compile of the decode step (``MTIJAX_COMPILE_AHEAD=0`` in every child), to
+measure what it buys: add ``--no-compile-ahead``.
+
 CPU (this machine's 2 cores; the quick-start target)::
 
     python experiments/bench_compile.py --budget-s 1500 --out experiments/results/bench_compile_cpu.json
@@ -519,6 +522,8 @@ def main() -> None:
                              "with --tiny on a tiny checkpoint)")
     parser.add_argument("--no-persistent-cache", action="store_true",
                         help="run the children with MTIJAX_COMPILATION_CACHE=0")
+    parser.add_argument("--no-compile-ahead", action="store_true",
+                        help="run the children with MTIJAX_COMPILE_AHEAD=0 (the decode step compiles after the prefill)")
     parser.add_argument("--tiny", action="store_true", help="smoke test: the tiny-gemma3 shapes")
     parser.add_argument("--keep", action="store_true", help="keep the cache directories (path printed)")
     parser.add_argument("--out", default=None, help="JSON path, rewritten after every child")
@@ -532,7 +537,8 @@ def main() -> None:
     started = time.time()
     kill_at = started + args.budget_s + args.grace_s
     workdir = Path(tempfile.mkdtemp(prefix="bench_compile_"))
-    extra = {"MTIJAX_COMPILATION_CACHE": "0"} if args.no_persistent_cache else {}
+    extra = {**({"MTIJAX_COMPILATION_CACHE": "0"} if args.no_persistent_cache else {}),
+             **({"MTIJAX_COMPILE_AHEAD": "0"} if args.no_compile_ahead else {})}
     requested = args.sizes.split(",") if args.sizes else None
     probe_models = requested or (["tiny-gemma3"] if args.tiny else ["gemma3-270m", "gemma3-12b", "olmoe-1b-7b"])
     probe, found = spawn_worker({"kind": "probe", "models": probe_models}, child_env(workdir / "probe"), kill_at)
@@ -549,8 +555,8 @@ def main() -> None:
         "script": "experiments/bench_compile.py", "argv": sys.argv[1:], "machine": machine,
         "settings": {"dtype": dtype, "sizes": sizes, "context_limit": context_limit, "base_prompt_len": BASE_PROMPT,
                      "base_new_tokens": BASE_NEW, "budget_s": args.budget_s, "grace_s": args.grace_s,
-                     "persistent_cache": not args.no_persistent_cache,
-                     "env": {k: os.environ.get(k) for k in ("MTIJAX_COMPILATION_CACHE", "XLA_FLAGS",
+                     "persistent_cache": not args.no_persistent_cache, "compile_ahead": not args.no_compile_ahead,
+                     "env": {k: os.environ.get(k) for k in ("MTIJAX_COMPILATION_CACHE", "MTIJAX_COMPILE_AHEAD", "XLA_FLAGS",
                                                             "XLA_PYTHON_CLIENT_PREALLOCATE", "JAX_PLATFORMS")}},
         "targets": TARGETS, "models": {}, "quick_start": None, "elapsed_s": 0.0, "finished": False,
     }

@@ -7,7 +7,9 @@ softmax computed independently with NumPy.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -136,11 +138,10 @@ def test_new_prompt_lengths_and_max_new_tokens_trigger_no_compilation():
     assert loop.compiled_counts() == first
 
 
-def test_the_decode_step_compiles_once_on_a_background_thread_while_the_prefill_runs():
-    """A request of a new shape compiles its decode step on the compile-ahead thread, beside the prefill; the
-    step's first call finds that program and compiles nothing, whether the params are committed to a device
-    (``jax.device_put``) or not (the outputs of a jit). Compilations are counted with their thread."""
-    threads = []
+@contextlib.contextmanager
+def decode_step_compiles() -> Iterator[list[str]]:
+    """The name of the thread of every compile of the engine's decode step while the block runs."""
+    threads: list[str] = []
 
     def listen(event: str, duration: float, **kwargs) -> None:
         if event == "/jax/core/compile/backend_compile_duration" and "decode_step" in str(kwargs.get("fun_name")):
@@ -148,15 +149,32 @@ def test_the_decode_step_compiles_once_on_a_background_thread_while_the_prefill_
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
+        yield threads
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_the_decode_step_compiles_once_on_a_background_thread_while_the_prefill_runs():
+    """A request of a new shape compiles its decode step on the compile-ahead thread, beside the prefill; the
+    step's first call finds that program and compiles nothing, whether the params are committed to a device
+    (``jax.device_put``) or not (the outputs of a jit). Compilations are counted with their thread."""
+    with decode_step_compiles() as threads:
         for committed in (False, True):
             m = random_tiny_model(vocab_size=260 + committed)  # a signature this process has not compiled
             params = jax.device_put(m.params, jax.devices()[0]) if committed else m.params
             assert jax.tree.leaves(params)[0].committed is committed
             for length in (5, 70):
                 generate(m.config, params, random_prompts(length, [length]), 4, stop_ids=())
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert len(threads) == 2 and all(name.startswith("mtijax-compile-ahead") for name in threads)
+
+
+def test_compile_ahead_switched_off_compiles_the_step_at_its_first_call(monkeypatch):
+    """``MTIJAX_COMPILE_AHEAD=0``: the decode step compiles once, on the caller's thread."""
+    monkeypatch.setenv("MTIJAX_COMPILE_AHEAD", "0")
+    m = random_tiny_model(vocab_size=262)
+    with decode_step_compiles() as threads:
+        generate(m.config, m.params, random_prompts(5, [5]), 4, stop_ids=())
+    assert threads == [threading.current_thread().name]
 
 
 def test_a_new_batch_bucket_or_cache_rung_compiles_once_more_and_then_is_shared():

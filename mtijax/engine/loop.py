@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 import warnings
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
 
@@ -291,7 +292,10 @@ def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, sta
     its shapes). The step is lowered with the abstract state :func:`start` will return. Its leaves are committed
     to the device exactly when one of the arguments is (a jit's outputs are committed when any input is), as the
     real state's will be, so the call finds the compiled program in jit's caches instead of compiling again
-    (``tests/test_generation.py`` counts the compiles)."""
+    (``tests/test_generation.py`` counts the compiles). ``MTIJAX_COMPILE_AHEAD=0`` switches it off: the step then
+    compiles at its first call, after the prefill."""
+    if os.environ.get("MTIJAX_COMPILE_AHEAD", "1") == "0":
+        return None
     args = (stack.params if stack.step_params is None else stack.step_params, start_args, stops, suppress)
     leaves, treedef = jax.tree.flatten(args)
     committed = [leaf for leaf in leaves if getattr(leaf, "committed", False)]
