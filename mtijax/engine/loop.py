@@ -13,8 +13,9 @@ plain, patched, fused and gated generation:
   rolled (:func:`layer_unroll`).
 
 They are compiled once per model, params layout, batch bucket, cache rung and intervention structure
-(:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. Steps
-are dispatched from Python. A source of params that is not resident (``mtijax.streaming``) passes its own
+(:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. A new
+signature's decode step compiles on a background thread while its prefill compiles (:func:`compile_step_ahead`).
+Steps are dispatched from Python. A source of params that is not resident (``mtijax.streaming``) passes its own
 :class:`LayerStack` to :func:`run`: it computes the prefill chunks and the layers of each decode call, and
 ends every call with the same :func:`finish`; the state, the start and the bookkeeping stay the engine's.
 
