@@ -167,8 +167,8 @@ def layer_unroll(kind: str) -> bool | int:
 
 SPLIT_FRACTION = 4
 """The decode step gets per-layer weight buffers when the layers' weights take at most ``1 / SPLIT_FRACTION`` of the
-device's memory (the split is a copy of them for the call): on the H200 every Gemma 3 up to the 12B (23.5 GB of
-layers against 140 GB), not the 27B."""
+device's memory (the split is a copy of them for the call): on the 141 GB H200 every Gemma 3 up to the 12B (about
+21.5 GB of layers), not the 27B (about 51 GB)."""
 
 
 def split_layers(params: Params) -> bool:
