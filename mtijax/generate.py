@@ -89,7 +89,8 @@ def start_run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[in
                              record_logits=record_logits)
     interventions = Interventions() if interventions is None else interventions
     check(interventions, config)
-    request = lay_out(config, prompts, max_new_tokens, ladder or default_ladder(), stop_ids)
+    request = lay_out(config, prompts, max_new_tokens, ladder or default_ladder(), stop_ids,
+                      edits_cache=interventions.cache_edit is not None)
     suppress = suppress_mask(config.vocab_size, suppress_ids)
     steps = loop.run(config, fuse_qkv(params), request, policy=policy, interventions=interventions,
                      keys=loop.row_keys(seed, request.rows), suppress=suppress, record_logits=record_logits,

@@ -221,6 +221,22 @@ def test_decode_slots_past_the_rung_wrap_into_the_left_padding(tiny_gqa, rolling
         np.testing.assert_allclose(streamed_logits, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_a_request_whose_cache_is_edited_counts_its_padded_width():
+    """A cache edit may fill the padding that decode slots would wrap onto, so with one the same prompts need the
+    512-slot rung (their 256-slot prefill region plus 6 new tokens)."""
+    from mtijax.engine import CacheEdit, Interventions
+    from mtijax.engine.ladder import Ladder
+    from mtijax.engine.sampling import Plain
+    from mtijax.generate import start_run
+
+    m = random_tiny_model()
+    prompts = random_prompts(13, [250, 100])
+    for edit, rung in ((None, 256), (CacheEdit(None, lambda cache, data, width: cache), 512)):
+        request, _ = start_run(m.config, m.params, prompts, 6, policy=Plain(), stop_ids=(), ladder=Ladder(chunk=64),
+                               interventions=Interventions(cache_edit=edit))
+        assert request.cache_length == rung
+
+
 def test_accelerators_start_the_cache_ladder_at_8192_slots_unless_every_layer_keeps_them(monkeypatch):
     """On accelerators one rung serves every prompt up to 8192 slots; where every layer keeps the full length
     (streamer, sharded generation, KV edits) and on the CPU the rungs start at 256."""

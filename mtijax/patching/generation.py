@@ -322,7 +322,7 @@ def generate_patched(config: ModelConfig, params: Params, target: Sequence[int],
                                       trace=trace_sites, interventions=interventions, ladder=ladder)
 
     request = lay_out(config, [list(target)] * len(seeds), max_new_tokens, ladder, stop_ids, refeed=not recompute,
-                      min_width=min_width)
+                      min_width=min_width, edits_cache=plan.kv is not None)
     if plan.kv is not None:  # call 0's position: the one after the patched cache's (found on the device)
         request = request._replace(first_position=np.full_like(request.first_position, -1))
     prompt_positions = request.positions[:1]

@@ -86,7 +86,8 @@ def start_run(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]]
         raise MtijaxError("sharded generation needs params placed on a mesh of several devices (mtijax.shard)")
     interventions = Interventions() if interventions is None else interventions
     check(interventions, config)
-    request = lay_out(config, prompts, max_new_tokens, ladder or default_ladder(rolling=False), stop_ids)
+    request = lay_out(config, prompts, max_new_tokens, ladder or default_ladder(rolling=False), stop_ids,
+                      edits_cache=interventions.cache_edit is not None)
     chunk_fn, step_fn = engine_functions(mesh, tuple(sorted(resolve(rules).items(), key=lambda kv: kv[0])))
     steps = loop.run(config, params, request, policy=policy, interventions=interventions,
                      keys=loop.row_keys(seed, request.rows), suppress=suppress_mask(config.vocab_size, suppress_ids),

@@ -267,7 +267,8 @@ class StreamedModel:
         self._check_after(interventions.grafts, order, "graft")
         if interventions.trace and len(order) < self.config.num_layers:
             raise MtijaxError("a trace needs every layer to run; drop the layer selection or the trace")
-        request = lay_out(self.config, prompts, max_new_tokens, ladder or default_ladder(rolling=False), stop_ids)
+        request = lay_out(self.config, prompts, max_new_tokens, ladder or default_ladder(rolling=False), stop_ids,
+                          edits_cache=interventions.cache_edit is not None)
         suppress = suppress_mask(self.config.vocab_size, suppress_ids)
         stack = _StreamedStack(self, order, request)
         steps = loop.run(self.config, self.resident, request, policy=policy,
