@@ -15,8 +15,7 @@ The cache's ``T`` slots are counted in tokens, not in padded width: ``T`` holds 
 ``max_new_tokens`` (and at least ``W``). The decode slots past ``T`` wrap to the start of the prefill region,
 which is padding in every row (each row has at least ``W`` - the longest prefill pad slots, and the wrap
 reaches fewer), so a prompt just short of a rung does not need the next one. A request whose cache is edited
-(``edits_cache``, ``min_width``) may have that padding filled, so its ``T`` keeps the whole width plus
-``max_new_tokens``.
+(``edits_cache``) may have that padding filled, so its ``T`` keeps the whole width plus ``max_new_tokens``.
 
 With ``refeed=True`` (the original seed-001 code's rule) the prefill holds the whole prompt and call 0
 feeds its last token again, at the next position.
@@ -111,7 +110,7 @@ def lay_out(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_token
     ``min_width``: the prefill region is at least this wide (a front-end that edits the cache with another
     prompt's entries needs room for them). ``rows``: run this many rows instead of the batch bucket.
     ``edits_cache``: a cache edit runs after the prefill (it may fill the padding, so the cache keeps the whole
-    width plus ``max_new_tokens``; so does any ``min_width``).
+    width plus ``max_new_tokens``).
     """
     if max_new_tokens < 1:
         raise MtijaxError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -137,8 +136,7 @@ def lay_out(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_token
     lengths = np.zeros((rows,), np.int32)
     lengths[:batch] = [len(p) for p in prompts]
     longest_prefill = max(len(p) for p in prefill)
-    needed = (width + max_new_tokens if min_width or edits_cache
-              else max(width, longest_prefill + max_new_tokens))
+    needed = width + max_new_tokens if edits_cache else max(width, longest_prefill + max_new_tokens)
     cache_length = ladder.cache_length(needed, config.max_position_embeddings)
     return Request(tokens, positions, first_token, first_position, lengths, batch, width, ladder.chunk, cache_length,
                    max_new_tokens, stop_tokens(config, stop_ids), ladder.rolling)
