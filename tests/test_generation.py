@@ -120,7 +120,7 @@ def random_tiny_model(vocab_size: int = 256) -> Model:
 
 
 def clear_engine_caches() -> None:
-    for fn in (loop._chunk_jit, loop._start_jit, loop._step_jit):
+    for fn in (loop._chunk_jit, loop._start_jit, loop._step_jit, loop._block_jit):
         fn.clear_cache()
 
 
@@ -131,7 +131,7 @@ def test_new_prompt_lengths_and_max_new_tokens_trigger_no_compilation():
     clear_engine_caches()
     generate(m.config, m.params, random_prompts(8, [5]), 8, stop_ids=())
     first = loop.compiled_counts()
-    assert first == {"prefill_chunk": 1, "start": 1, "decode_step": 1}
+    assert first == {"prefill_chunk": 1, "start": 1, "decode_step": 1, "decode_block": 0}
     for length, new in ((1, 3), (9, 8), (16, 30), (65, 5), (150, 40)):
         generate(m.config, m.params, random_prompts(length, [length]), new, stop_ids=())
     stream_tokens(m.config, m.params, random_prompts(7, [3]), 12, stop_ids=())
@@ -140,11 +140,11 @@ def test_new_prompt_lengths_and_max_new_tokens_trigger_no_compilation():
 
 @contextlib.contextmanager
 def decode_step_compiles() -> Iterator[list[str]]:
-    """The name of the thread of every compile of the engine's decode step while the block runs."""
+    """The name of the thread of every compile of the engine's decode step (or decode block) while the block runs."""
     threads: list[str] = []
 
     def listen(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration" and "decode_step" in str(kwargs.get("fun_name")):
+        if event == "/jax/core/compile/backend_compile_duration" and "decode_" in str(kwargs.get("fun_name")):
             threads.append(threading.current_thread().name)
 
     jax.monitoring.register_event_duration_secs_listener(listen)

@@ -220,6 +220,28 @@ def decode_step(config: ModelConfig, layout: str, policy: Policy, record_logits:
                   out.router_state, outputs, interventions, stops, suppress)
 
 
+def decode_block(config: ModelConfig, layout: str, policy: Policy, record_logits: bool, size: int, params: Params,
+                 state: State, interventions: Interventions, stops: jax.Array, suppress: jax.Array | None,
+                 calls: jax.Array) -> tuple[State, Record]:
+    """``size`` decode calls in one program (a ``lax.scan`` of :func:`decode_step`, so one dispatch from the host):
+    the state after them and their records stacked on a leading ``[size]`` axis (``flags [size, 4, B]``, ...).
+
+    Only the first ``calls`` of them count: the later ones (the last block of a run whose ``max_new_tokens`` is
+    not a multiple of ``size``) emit nothing and leave ``done`` and ``count`` as they were. They still write the
+    cache and advance the other state (it is not used after the run's last call), and their records are not read
+    (:func:`run` yields the first ``calls``)."""
+    def call(state: State, index: jax.Array) -> tuple[State, Record]:
+        new, record = decode_step(config, layout, policy, record_logits, params, state, interventions, stops,
+                                  suppress)
+        live = index < calls
+        emit = record.flags[1] * live.astype(jnp.int32)
+        flags = record.flags.at[0].set(jnp.where(live, record.flags[0], config.pad_token_id)).at[1].set(emit)
+        new = new._replace(done=jnp.where(live, new.done, state.done), count=jnp.where(live, new.count, state.count))
+        return new, record._replace(flags=flags)
+
+    return jax.lax.scan(call, state, jnp.arange(size, dtype=jnp.int32))
+
+
 def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Params, state: State, hidden: jax.Array,
            cache: kv.KVCache, captured: Mapping[str, jax.Array], router_state: Any,
            outputs: Mapping[int, tuple[Any, dict[str, jax.Array]]], interventions: Interventions, stops: jax.Array,
@@ -245,6 +267,23 @@ def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Par
 _chunk_jit = jax.jit(prefill_chunk, static_argnums=(0, 1), donate_argnums=(3,))
 _start_jit = jax.jit(start, static_argnums=(0,))
 _step_jit = jax.jit(decode_step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+_block_jit = jax.jit(decode_block, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
+
+
+def decode_block_size() -> int:
+    """How many decode calls a resident run dispatches as one program (:func:`decode_block`): ``MTIJAX_DECODE_BLOCK``
+    if set, else 8 on accelerators and 1 on the CPU.
+
+    On an accelerator a small model's step is short beside the host's work to dispatch it (a jitted call with
+    every layer's weights as arguments), so the host sets the pace; a block pays that once for ``size`` tokens.
+    Tokens then reach the host ``size`` at a time (``generate_stream`` yields them in bursts). On the CPU a step
+    takes far longer than its dispatch, and a block would only delay the first streamed token."""
+    value = os.environ.get("MTIJAX_DECODE_BLOCK")
+    if value is None:
+        return 1 if jax.default_backend() == "cpu" else 8
+    if not value.isdigit() or int(value) < 1:
+        raise MtijaxError(f"MTIJAX_DECODE_BLOCK must be a positive integer, not {value!r}")
+    return int(value)
 
 
 class LayerStack(Protocol):
@@ -269,6 +308,7 @@ class Resident(NamedTuple):
     chunk_fn: Callable | None = None
     step_fn: Callable | None = None
     step_params: Params | None = None
+    block: int = 1
 
     def prefill_chunk(self, cache, carry, router_state, tokens, positions, start, interventions):
         return (self.chunk_fn or _chunk_jit)(self.config, self.layout, self.params, cache, carry, router_state,
@@ -278,6 +318,12 @@ class Resident(NamedTuple):
         params = self.params if self.step_params is None else self.step_params
         return (self.step_fn or _step_jit)(self.config, self.layout, policy, record_logits, params, state,
                                            interventions, stops, suppress)
+
+    def decode_block(self, policy, record_logits, state, interventions, stops, suppress, calls):
+        """``self.block`` decode calls in one dispatch (:func:`decode_block`), the first ``calls`` of them counted."""
+        params = self.params if self.step_params is None else self.step_params
+        return _block_jit(self.config, self.layout, policy, record_logits, self.block, params, state, interventions,
+                          stops, suppress, calls)
 
 
 _compiler = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtijax-compile-ahead")
@@ -301,7 +347,7 @@ def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, sta
     leaves, treedef = jax.tree.flatten(args)
     committed = [leaf for leaf in leaves if getattr(leaf, "committed", False)]
     device = tuple(committed[0].sharding.device_set) if committed else ()
-    signature = (stack.config, stack.layout, policy, record_logits, treedef, device,
+    signature = (stack.config, stack.layout, policy, record_logits, stack.block, treedef, device,
                  tuple((np.shape(leaf), str(getattr(leaf, "dtype", type(leaf))), getattr(leaf, "weak_type", False))
                        for leaf in leaves))
     if signature in _compiled_ahead or len(device) > 1:
@@ -310,11 +356,15 @@ def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, sta
     sharding = jax.sharding.SingleDeviceSharding(device[0]) if device else None
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type, sharding=sharding),
                          jax.eval_shape(functools.partial(start, stack.config), *start_args))
-    step = stack.step_fn or _step_jit
+    calls = jnp.int32(stack.block)
 
     def compile_step() -> None:
-        step.lower(stack.config, stack.layout, policy, record_logits, args[0], state, start_args[-1], stops,
-                   suppress).compile()
+        if stack.block > 1:
+            _block_jit.lower(stack.config, stack.layout, policy, record_logits, stack.block, args[0], state,
+                             start_args[-1], stops, suppress, calls).compile()
+        else:
+            (stack.step_fn or _step_jit).lower(stack.config, stack.layout, policy, record_logits, args[0], state,
+                                               start_args[-1], stops, suppress).compile()
     return _compiler.submit(compile_step)
 
 
@@ -336,7 +386,7 @@ _empty_cache = jax.jit(kv.init_cache, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def compiled_counts() -> dict[str, int]:
     """How many programs each engine function has compiled in this process (for the no-recompile tests)."""
     return {"prefill_chunk": _chunk_jit._cache_size(), "start": _start_jit._cache_size(),
-            "decode_step": _step_jit._cache_size()}
+            "decode_step": _step_jit._cache_size(), "decode_block": _block_jit._cache_size()}
 
 
 def _sweep_size(sweep_axes: Any, interventions: Interventions) -> int:
@@ -417,7 +467,8 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     rolling = request.rolling and stack is None and interventions.cache_edit is None
     resident = stack is None and sweep_axes is None
     if stack is None:
-        stack = Resident(config, layout, params, step_params=_split_jit(params) if split_layers(params) else None)
+        stack = Resident(config, layout, params, step_params=_split_jit(params) if split_layers(params) else None,
+                         block=decode_block_size() if sweep_axes is None else 1)
     rows = request.rows
     start_fn = _start_jit
     windows = tuple(int(w) for w in family(config).layer_spec(config)["window"]) if rolling else None
@@ -449,9 +500,41 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     state = start_fn(config, cache, carry, router_state, *start_args[3:])
     if ahead is not None:
         ahead.result()  # the step is compiled (or its compile error is raised here)
+    if isinstance(stack, Resident) and stack.block > 1:
+        yield from _blocks(stack, request.max_new_tokens, policy, record_logits, state, interventions, stops,
+                           suppress)
+        return
     for _ in range(request.max_new_tokens):
         state, record = stack.decode_step(policy, record_logits, state, interventions, stops, suppress)
         yield state, record
+
+
+def _blocks(stack: Resident, calls: int, policy: Policy, record_logits: bool, state: State,
+            interventions: Interventions, stops: jax.Array, suppress: jax.Array | None
+            ) -> Iterator[tuple[State, Record]]:
+    """:func:`run`'s decode calls, ``stack.block`` per dispatch: each block's records are copied to the host as it
+    is dispatched and yielded one call at a time (as numpy) once the next block is dispatched, so the device always
+    has a block queued. The state yielded with a call's record is the latest dispatched block's (an earlier one
+    was donated to it). Stops dispatching once a block ends with every row done."""
+    pending: tuple[Record, int] | None = None
+    while calls > 0 or pending is not None:
+        if calls > 0:
+            count = min(stack.block, calls)
+            calls -= count
+            state, block = stack.decode_block(policy, record_logits, state, interventions, stops, suppress,
+                                              jnp.int32(count))
+            for leaf in jax.tree.leaves(block):
+                leaf.copy_to_host_async()
+            ready, pending = pending, (block, count)
+        else:
+            ready, pending = pending, None
+        if ready is None:
+            continue
+        host = jax.tree.map(np.asarray, ready[0])
+        for index in range(ready[1]):
+            yield state, jax.tree.map(lambda a: a[index], host)
+        if host.done[ready[1] - 1].all():
+            return
 
 
 class Collected(NamedTuple):
@@ -498,7 +581,8 @@ def collect(steps: Iterator[tuple[State, Record]], request: Request, pad_id: int
     for index, (state, record) in enumerate(steps):
         if on_device:  # to the host as soon as it exists, not one by one at the end
             for leaf in jax.tree.leaves(record):
-                leaf.copy_to_host_async()
+                if isinstance(leaf, jax.Array):  # a block's records come as numpy
+                    leaf.copy_to_host_async()
         records.append(record)
         if (index + 1) % check_every == 0 and index >= lag and _flags_on_host(records[index - lag]).done.all():
             break
