@@ -73,6 +73,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX shares th
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mtijax, not an installed one
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -81,13 +82,14 @@ import platform
 import shutil
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import mtijax
+from mtijax.engine import decode_block_size
 
 TINY: dict[str, mtijax.ModelConfig] = {
     "tiny-gemma3": mtijax.Gemma3Config(
@@ -425,6 +427,23 @@ def bench_mtijax(config: mtijax.ModelConfig, params, batch: int, prompt_len: int
     return out
 
 
+@contextlib.contextmanager
+def decode_block(size: str | None) -> Iterator[None]:
+    """``MTIJAX_DECODE_BLOCK=size`` inside the block (nothing changed for ``None``)."""
+    if size is None:
+        yield
+        return
+    before = os.environ.get("MTIJAX_DECODE_BLOCK")
+    os.environ["MTIJAX_DECODE_BLOCK"] = size
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MTIJAX_DECODE_BLOCK"]
+        else:
+            os.environ["MTIJAX_DECODE_BLOCK"] = before
+
+
 def steady_step_s(config: mtijax.ModelConfig, params, prompts: list[list[int]], steps: int, skip: int,
                   ladder=None) -> float:
     """Seconds per decode step of the engine alone: ``steps`` steps timed after the first ``skip`` of a run (no
@@ -527,6 +546,10 @@ def print_row(row: dict) -> None:
     for name in ("mtijax", "transformers_eager", "transformers_static", "transformers_compiled"):
         if name in row and set(row[name]) & {"error", "skipped"}:
             print(f"    {name}: {row[name].get('error') or row[name].get('skipped')}", flush=True)
+    for name in sorted(n for n in row if n.startswith("mtijax_block")):
+        print(f"    {name}: {fmt(get(name), 0, 1).strip()} tok/s (steady {fmt(get(name, 'steady_decode_tok_s'), 0, 1).strip()};"
+              f" default block {get('mtijax', 'decode_block')}: steady "
+              f"{fmt(get('mtijax', 'steady_decode_tok_s'), 0, 1).strip()})", flush=True)
 
 
 def main() -> None:
@@ -555,6 +578,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny-gemma3,tiny-olmoe, prompts of 32, 8 new tokens, prefill of 128, "
                              "long contexts 64 and 256, 1 repeat (flags given explicitly still win)")
+    parser.add_argument("--decode-block-variants", default="",
+                        help="comma-separated decode block sizes to measure mtijax's decode rows with besides its "
+                             "default, as mtijax_block<N> (MTIJAX_DECODE_BLOCK=N)")
     parser.add_argument("--out", default=None, help="JSON path, rewritten after every measurement")
     if parser.parse_args().tiny:  # tiny defaults; flags given explicitly still win
         parser.set_defaults(sizes=",".join(TINY), prompt_len=32, new_tokens=8, prefill_len=128, long_contexts="64,256",
@@ -571,6 +597,7 @@ def main() -> None:
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     itemsize = jnp.dtype(dtype).itemsize
     peers = [p for p in args.peers.split(",") if p]
+    block_variants = [int(n) for n in args.decode_block_variants.split(",") if n]
     inductor_dir = None
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         inductor_dir = tempfile.mkdtemp(prefix="bench_generate_inductor_")
@@ -586,7 +613,9 @@ def main() -> None:
                      "long_contexts": args.long_contexts, "long_new_tokens": args.long_new_tokens,
                      "repeats": args.repeats, "long_repeats": args.long_repeats, "peers": peers,
                      "budget_s": args.budget_s, "torchinductor_cache": "fresh" if inductor_dir else "given",
+                     "decode_block_variants": block_variants,
                      "env": {k: os.environ.get(k) for k in ("MTIJAX_CACHE", "MTIJAX_COMPILATION_CACHE",
+                                                            "MTIJAX_DECODE_BLOCK", "MTIJAX_PALLAS",
                                                             "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS")}},
         "copy_bandwidth_GBps": bandwidth / 1e9, "matmul_TFLOPS": flops / 1e12,
         "rows": [], "skipped": [], "elapsed_s": 0.0, "finished": False,
@@ -629,6 +658,8 @@ def main() -> None:
                         reason = f"needs ~{added / 1e9:.1f} GB beyond the weights, {free / 1e9:.1f} GB free"
                 names = [f"transformers_{p}" for p in peers if p != "compiled" or spec["kind"] == "prefill"]
                 ours = ["mtijax"] + (["mtijax_full_layout"] if spec["kind"] == "long" else [])
+                if spec["kind"] == "decode":
+                    ours += [f"mtijax_block{n}" for n in block_variants]
                 for name in names + ours:
                     if reason or budget.spent():
                         row[name] = {"skipped": reason or "budget spent"}
@@ -637,8 +668,12 @@ def main() -> None:
                     if name in ours:
                         if "params" not in state:
                             state["params"] = mtijax.init_params(config, jax.random.key(0), jnp.dtype(dtype))
-                        row[name] = attempt(lambda: bench_mtijax(config, state["params"], batch, prompt_len,
-                                                                 new_tokens, repeats, name == "mtijax"), device)
+                        block = name[len("mtijax_block"):] if name.startswith("mtijax_block") else None
+                        with decode_block(block):
+                            row[name] = attempt(lambda: bench_mtijax(config, state["params"], batch, prompt_len,
+                                                                     new_tokens, repeats, name != "mtijax_full_layout"),
+                                                device)
+                        row[name]["decode_block"] = decode_block_size() if block is None else int(block)
                     else:
                         if "torch" not in state:
                             state["torch"] = hf_model(config, dtype, device)

@@ -1,11 +1,12 @@
-"""Expert dispatch for OLMoE: ``dense`` (every expert on every token), ``grouped`` (``lax.ragged_dot``) and
-``gathered`` (each token's chosen experts' weights gathered).
+"""Expert dispatch for OLMoE: ``dense`` (every expert on every token), ``grouped`` (``lax.ragged_dot``),
+``gathered`` (each token's chosen experts' weights gathered) and ``in_place`` (the same products, the experts read
+where they are by the Pallas kernels of ``mtijax.models.olmoe.kernels``; GPU only).
 
 Times one OLMoE-1B-7B layer (random bfloat16 weights, real shapes) on ``T``
 tokens with each dispatch and prints them against dense, so that
 ``mtijax.models.olmoe.choose_dispatch`` can be set from a measurement on the
-device it will run on (``gathered`` only while pairs < experts x 8: it copies
-the weights of every pair)::
+device it will run on (``gathered`` and ``in_place`` only while pairs < experts x 8: they run every pair's
+products)::
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_moe.py --out experiments/results/bench_moe_h100.json
 """
@@ -46,7 +47,7 @@ def main() -> None:
     layer = jax.tree.map(lambda a: a[0], params["layers"])
     spec = jax.tree.map(lambda a: jnp.asarray(a[0]), mtijax.family(config).layer_spec(config))
     rows = []
-    dispatches = ("dense", "grouped", "gathered")
+    dispatches = ("dense", "grouped", "gathered", "in_place")
     print(f"{'tokens':>7}" + "".join(f"{name + ' ms':>13}" for name in dispatches) + f"{'chosen':>10}")
     for tokens in (int(t) for t in args.tokens.split(",")):
         x = jax.random.normal(jax.random.key(1), (1, tokens, config.hidden_size), jnp.bfloat16)
@@ -54,7 +55,7 @@ def main() -> None:
         pairs = tokens * config.num_experts_per_tok
         row = {"tokens": tokens, "chosen": olmoe.choose_dispatch(config, tokens)}
         for name in dispatches:
-            if name != "gathered" or pairs <= 8 * config.num_experts:
+            if name not in ("gathered", "in_place") or pairs <= 8 * config.num_experts:
                 row[f"{name}_ms"] = time_layer(config, layer, spec, x, positions, name) * 1e3
         rows.append(row)
         print(f"{tokens:>7}" + "".join(f"{row.get(name + '_ms', float('nan')):>13.3f}" for name in dispatches)

@@ -202,11 +202,11 @@ def uses_ragged_dot(fn, *args) -> bool:
     return "ragged_dot" in str(jax.make_jaxpr(fn)(*args))
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "gathered"])
+@pytest.mark.parametrize("dispatch", ["grouped", "gathered", "in_place"])
 @pytest.mark.parametrize("batch", ["varied", "one_token_repeated"])
 def test_every_dispatch_agrees_with_dense(tiny_olmoe, batch, dispatch):
-    """Running every expert on every token, each expert on its own tokens, and each token on its gathered experts
-    give the same layer.
+    """Running every expert on every token, each expert on its own tokens, each token on its gathered experts and
+    each token on its experts read in place (the Pallas kernels, interpreted on the CPU) give the same layer.
 
     Repeating one token makes every position route to the same k experts, so
     the other experts get no tokens at all (empty groups for ``ragged_dot``).
@@ -231,6 +231,28 @@ def test_every_dispatch_agrees_with_dense(tiny_olmoe, batch, dispatch):
     assert float(jnp.abs(dense_moe).max()) > 0.1
     np.testing.assert_allclose(np.asarray(other_moe), np.asarray(dense_moe), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(other), np.asarray(dense), atol=1e-5, rtol=0)
+
+
+def test_the_in_place_kernels_read_each_pairs_own_expert():
+    """The kernels against NumPy on widths that take several tiles each way (256 input rows in tiles of 128, 128
+    output columns in tiles of 64), bfloat16 weights, and pairs that share an expert."""
+    from mtijax.models.olmoe import kernels
+
+    rng = np.random.default_rng(5)
+    experts, hidden, width = 6, 256, 128
+    gate, up = (rng.normal(size=(experts, hidden, width)).astype(np.float32) for _ in range(2))
+    down = rng.normal(size=(experts, width, hidden)).astype(np.float32)
+    x = rng.normal(size=(4, hidden)).astype(np.float32)
+    chosen = np.array([5, 0, 5, 2], np.int32)
+    bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (gate, up, down)]
+    gate, up, down = (np.asarray(a, np.float32) for a in bf16)  # the reference reads the rounded weights
+    h = kernels.gate_up(jnp.asarray(x), bf16[0], bf16[1], jnp.asarray(chosen), interpret=True)
+    g, u = np.einsum("pd,pdf->pf", x, gate[chosen]), np.einsum("pd,pdf->pf", x, up[chosen])
+    np.testing.assert_allclose(np.asarray(h), g / (1 + np.exp(-g)) * u, rtol=1e-4, atol=1e-3)
+    out = kernels.down(h, bf16[2], jnp.asarray(chosen), interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.einsum("pf,pfd->pd", np.asarray(h), down[chosen]), rtol=1e-4,
+                               atol=1e-2)
+    assert kernels.fits(2048, 1024) and not kernels.fits(2048, 1000)
 
 
 @pytest.mark.parametrize("dispatch", sorted(olmoe.DISPATCHES))

@@ -14,7 +14,7 @@ Parameters (``L`` layers, ``E`` experts of width ``F``, matrices ``[in, out]``):
     layers/moe/gate_proj  [L, E, D, F]  up_proj [L, E, D, F], down_proj [L, E, F, D]
 
 Routing is exact, with no capacity limit: every token reaches its top-k
-experts. Three dispatches give the same result (tested against each other and
+experts. Four dispatches give the same result (tested against each other and
 against transformers):
 
 - ``gathered`` gathers the weights of each token-expert pair's expert and runs
@@ -22,6 +22,8 @@ against transformers):
   so it is the decode dispatch (fewer pairs than experts);
 - ``grouped`` sorts the pairs by expert and runs each expert's matrices once
   over its group with ``jax.lax.ragged_dot`` (``k / E`` of the dense work);
+- ``in_place`` computes what ``gathered`` does with two Pallas kernels that read
+  the chosen experts' matrices where they are (``mtijax.models.olmoe.kernels``);
 - ``dense`` runs every expert on every token and mixes with the (mostly zero)
   routing weights.
 
@@ -35,6 +37,7 @@ GEMM), so prefill of long prompts runs dense.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Mapping
 
 import jax
@@ -42,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtijax.interventions import Sites
+from mtijax.models.olmoe import kernels
 from mtijax.models.olmoe.config import OlmoeConfig
 from mtijax.models.layers import (NO_WINDOW, apply_rope, attention, embed_unscaled, project_qkv, rms_norm,
                                   rope_inv_freq, unembed_plain_norm)
@@ -119,8 +123,15 @@ def route(config: OlmoeConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array]
 
 def choose_dispatch(config: OlmoeConfig, num_tokens: int) -> str:
     """``"gathered"`` while there are fewer token-expert pairs than experts (decoding a small batch),
-    ``"grouped"`` up to :data:`GROUPED_MAX_TOKENS` tokens, ``"dense"`` above (see the module docstring)."""
+    ``"grouped"`` up to :data:`GROUPED_MAX_TOKENS` tokens, ``"dense"`` above (see the module docstring).
+
+    On GPUs ``"gathered"`` becomes ``"in_place"`` (the same products, the experts read where they are by the
+    kernels of :mod:`mtijax.models.olmoe.kernels`) where the kernels take the layer's widths, unless
+    ``MTIJAX_PALLAS=0`` (read when a step is traced)."""
     if num_tokens * config.num_experts_per_tok < config.num_experts:
+        if (jax.default_backend() == "gpu" and os.environ.get("MTIJAX_PALLAS", "1") != "0"
+                and kernels.fits(config.hidden_size, config.intermediate_size)):
+            return "in_place"
         return "gathered"
     return "grouped" if num_tokens <= GROUPED_MAX_TOKENS else "dense"
 
@@ -165,7 +176,8 @@ def experts_grouped(moe: Params, x: jax.Array, experts: jax.Array, weights: jax.
     return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out).astype(x.dtype)
 
 
-DISPATCHES = {"gathered": experts_gathered, "grouped": experts_grouped, "dense": experts_dense}
+DISPATCHES = {"gathered": experts_gathered, "in_place": kernels.experts_gathered_in_place, "grouped": experts_grouped,
+              "dense": experts_dense}
 """Expert dispatch name -> function ``(moe, x [T, D], experts [T, k], weights [T, k]) -> [T, D]``."""
 
 
