@@ -464,6 +464,12 @@ def bench_compile_h200(b: dict) -> str:
     return f"Code: {b['machine']['commit']}. " + _compile_table(b, "bench_compile_h200.json")
 
 
+@table("bench_compile_h200_c6e3d55", "bench_compile_h200_c6e3d55.json")
+def bench_compile_h200_c6e3d55(b: dict) -> str:
+    """The H200's compile costs before decode blocks."""
+    return f"Code: {b['machine']['commit']}. " + _compile_table(b, "bench_compile_h200_c6e3d55.json")
+
+
 @table("bench_compile_h200_before", "bench_compile_h200_before.json")
 def bench_compile_h200_before(b: dict) -> str:
     """The H200's compile costs before the 8192-slot rung and the per-layer weight buffers (three models)."""
@@ -679,23 +685,80 @@ def bench_generate_targets_h200(results: dict) -> str:
     latest: dict[tuple, tuple[int, dict]] = {}
     for number, inv in enumerate(results["invocations"], 1):
         for r in inv["rows"]:
-            if r.get("targets") and r["mtijax"].get(r["figure"]) is not None and "excluded" not in r:
-                latest[(r["model"], r["kind"], r["batch"], r["prompt_len"])] = (number, r)
+            if r["mtijax"].get(r["figure"]) is None or "excluded" in r:
+                continue
+            for name, t in (r.get("targets") or {}).items():
+                if t["measured"] is not None:
+                    latest[(r["model"], r["kind"], r["batch"], name)] = (number, t)
     names = {"fraction_of_bound": "of the bound", "speedup_vs_strongest": "x strongest peer"}
     rows = []
-    for (model, kind, batch, prompt), (number, r) in sorted(latest.items()):
-        for name, t in r["targets"].items():
-            shown = (pct(t["measured"]) if name == "fraction_of_bound" else f"{t['measured']:.2f}x"
-                     ) if t["measured"] is not None else "-"
-            wanted = pct(t["target"]) if name == "fraction_of_bound" else f"{t['target']:.1f}x"
-            rows.append([MODEL_NAMES.get(model, model), kind, batch, number, names[name], wanted, shown,
-                         "met" if t["met"] else "missed"])
-    head = ("The H200 targets of each measured row, from its latest run in the table above (`targets` in "
-            "`experiments/results/bench_generate_h200.json`; decode: a fraction of the bound at batch 1 and 8 and a "
-            "ratio to the strongest peer at batch 1; prefill: a ratio to the strongest peer). A row the runs did not "
-            "reach (12B and 1B at batch 8, the long rows of the 1B and 12B) has no line.")
+    for (model, kind, batch, name), (number, t) in sorted(latest.items()):
+        shown = pct(t["measured"]) if name == "fraction_of_bound" else f"{t['measured']:.2f}x"
+        wanted = pct(t["target"]) if name == "fraction_of_bound" else f"{t['target']:.1f}x"
+        rows.append([MODEL_NAMES.get(model, model), kind, batch, number, names[name], wanted, shown,
+                     "met" if t["met"] else "missed"])
+    head = ("The H200 targets of each measured row, each from the latest run that measured its figure in the table "
+            "above (`targets` in `experiments/results/bench_generate_h200.json`; decode: a fraction of the bound at "
+            "batch 1 and 8 and a ratio to the strongest peer at batch 1; prefill: a ratio to the strongest peer). "
+            "The long rows of the 1B and 12B were not reached, and have no line.")
     return "\n".join([head, "", markdown(["model", "row", "batch", "run", "target", "at least", "measured", "result"],
                                           rows)])
+
+
+@table("decode_blocks_h200", "decode_blocks_h200.json")
+def decode_blocks_h200(results: dict) -> str:
+    """mtijax's decode with its default block of 8 calls per dispatch against one call per dispatch, same process;
+    OLMoE also against the gathered dispatch (a process of its own)."""
+    runs = results["runs"]
+    rows = []
+    for name in ("gemma3-270m", "gemma3-1b", "gemma3-12b", "olmoe-1b-7b"):
+        for r in runs[name]["rows"]:
+            block, one = r["mtijax"], r.get("mtijax_block1", {})
+            kernel = ""
+            if name == "olmoe-1b-7b":
+                other = next((o for o in runs["olmoe-1b-7b_no_pallas"]["rows"] if o["batch"] == r["batch"]), None)
+                kernel = "-" if other is None else num(other["mtijax"]["decode_tok_s"])
+            rows.append([MODEL_NAMES.get(name, name), r["batch"], num(block["decode_tok_s"]),
+                         num(block["steady_decode_tok_s"]), num(one["decode_tok_s"]), num(one["steady_decode_tok_s"]),
+                         f"{block['decode_tok_s'] / one['decode_tok_s']:.2f}x", num(r["bound"]["decode_tok_s"]),
+                         pct(r["fraction_of_bound"]), kernel or "-"])
+    m = runs["gemma3-270m"]["machine"]
+    head = (f"Measured on {m['device']} ({m['cpu_cores']} host cores, jax {m['jax']}), code {m['commit']}; random "
+            "bfloat16 weights, 128-token prompt, 127 decode steps, greedy; mtijax alone (no peer). `generate`: tok/s "
+            "of `mtijax.generate`; steady: the engine's steps over the second half of a run. Block 8 and block 1 ran "
+            "in the same process (`MTIJAX_DECODE_BLOCK`); on OLMoE both with the in-place expert kernels, and the last "
+            "column is block 8 with the gathered dispatch instead (`MTIJAX_PALLAS=0`, its own process, batch 1 only). "
+            "`experiments/results/decode_blocks_h200.json`.")
+    return "\n".join([head, "", markdown(
+        ["model", "batch", "block 8: generate", "block 8: steady", "block 1: generate", "block 1: steady",
+         "block 8 / block 1", "bound", "block 8: % of bound", "OLMoE, gathered dispatch"], rows)])
+
+
+@table("bench_moe_h200", "bench_moe_h200.json")
+def bench_moe_h200(results: dict) -> str:
+    """One OLMoE layer per expert dispatch."""
+    names = ("dense", "grouped", "gathered", "in_place")
+    rows = [[r["tokens"], *[f"{r[n + '_ms']:.3f} ms" if n + "_ms" in r else "-" for n in names], r["chosen"]]
+            for r in results["runs"]]
+    head = (f"Measured on {results['device']} (jax {results['jax']}), code {results['commit']}: one OLMoE-1B-7B layer "
+            "(random bfloat16 weights), the best of 10 jitted calls; `experiments/results/bench_moe_h200.json`.")
+    return "\n".join([head, "", markdown(["tokens", *names, "chosen"], rows)])
+
+
+@table("step_profile_1b_h200", "probe_step_profile_1b_h200.json")
+def step_profile_1b_h200(results: dict) -> str:
+    """The 1B's decode step under the profiler, in blocks of 8 and one call per dispatch."""
+    rows = []
+    for block, key in ((8, "block8"), (1, "block1")):
+        for name, v in results[key]["variants"].items():
+            rows.append([name.replace("_", " "), block, f"{v['first_call_s']:.1f} s", f"{v['steady_ms']:.2f} ms",
+                         f"{v['wall_ms']:.2f} ms", f"{v['busy_ms']:.2f} ms", f"{v['gap_ms']:.2f} ms", num(v["kernels"]),
+                         f"{v['bound_ms']:.2f} ms"])
+    head = (f"{results['note']} Steady: 64 untraced steps; traced: wall time per step under the profiler; GPU time: "
+            "the kernels' summed durations; gap: traced minus GPU time; bound: the bytes a step reads at the copy "
+            "bandwidth. `experiments/results/probe_step_profile_1b_h200.json`.")
+    return "\n".join([head, "", markdown(["variant", "block", "first call", "steady", "traced", "GPU time", "gap",
+                                           "kernels", "bound"], rows)])
 
 
 @table("rolling_decode_h200", "probe_rolling_decode_270m_h200.json")

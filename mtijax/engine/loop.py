@@ -15,7 +15,8 @@ plain, patched, fused and gated generation:
 They are compiled once per model, params layout, batch bucket, cache rung and intervention structure
 (:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. A new
 signature's decode step compiles on a background thread while its prefill compiles (:func:`compile_step_ahead`).
-Steps are dispatched from Python. A source of params that is not resident (``mtijax.streaming``) passes its own
+Steps are dispatched from Python; on accelerators a resident run dispatches them ``decode_block_size()`` at a time
+as one program (:func:`decode_block`), and yields their records call by call. A source of params that is not resident (``mtijax.streaming``) passes its own
 :class:`LayerStack` to :func:`run`: it computes the prefill chunks and the layers of each decode call, and
 ends every call with the same :func:`finish`; the state, the start and the bookkeeping stay the engine's.
 
@@ -445,7 +446,9 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
         layout: str = "params", stack: LayerStack | None = None,
         sweep_axes: Any = None) -> Iterator[tuple[State, Record]]:
     """Prefill ``request``, then yield ``(state, record)`` after every decode call (device arrays, not
-    synchronised), ``request.max_new_tokens`` times at most; the caller stops iterating when it likes.
+    synchronised), ``request.max_new_tokens`` times at most; the caller stops iterating when it likes. With
+    decode blocks (:func:`decode_block_size` > 1; the default stack without a sweep) the records come as numpy,
+    a block at a time, with the latest dispatched block's state (see :func:`_blocks`).
 
     ``keys``: ``[rows]`` per-row PRNG keys (default :func:`row_keys` of seed 0). ``layout``: the params layout
     of ``params`` (``"fused_qkv"`` for :func:`~mtijax.models.fused.fuse_qkv` params). ``stack``: what computes
