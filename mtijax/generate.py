@@ -7,8 +7,9 @@ the compiled prefill chunk and decode step. Decode steps run on
 :func:`~mtijax.models.fused.fuse_qkv` params (one q/k/v matrix per layer, made once per call).
 
 :func:`generate` dispatches the steps without waiting and returns all tokens at the end;
-:func:`generate_stream` yields each token as it comes (the CLI prints text as it is generated). Both
-run the same compiled functions and give the same tokens.
+:func:`generate_stream` yields each step's tokens as they reach the host (the CLI prints text as it is
+generated): one step at a time on the CPU, a decode block of 8 at a time on accelerators
+(``mtijax.engine.loop.decode_block_size``). Both run the same compiled functions and give the same tokens.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def generate_stream(config: ModelConfig, params: Params, prompts: Sequence[Seque
                     stop_ids: Sequence[int] | None = None, suppress_ids: Sequence[int] | None = None,
                     interventions: Interventions | None = None, ladder: Ladder | None = None,
                     ) -> Iterator[np.ndarray]:
-    """Like :func:`generate`, but yields each step's ``[B]`` tokens as soon as they exist.
+    """Like :func:`generate`, but yields each step's ``[B]`` tokens as soon as they reach the host (in bursts of a
+    decode block on accelerators).
 
     Rows that have stopped yield the pad id; iteration ends when every row has stopped or ``max_new_tokens``
     tokens were produced.
