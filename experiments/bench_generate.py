@@ -546,10 +546,10 @@ def print_row(row: dict) -> None:
     for name in ("mtijax", "transformers_eager", "transformers_static", "transformers_compiled"):
         if name in row and set(row[name]) & {"error", "skipped"}:
             print(f"    {name}: {row[name].get('error') or row[name].get('skipped')}", flush=True)
+    steady = lambda name: fmt(get(name, "steady_decode_tok_s"), 0, 1).strip()
     for name in sorted(n for n in row if n.startswith("mtijax_block")):
-        print(f"    {name}: {fmt(get(name), 0, 1).strip()} tok/s (steady {fmt(get(name, 'steady_decode_tok_s'), 0, 1).strip()};"
-              f" default block {get('mtijax', 'decode_block')}: steady "
-              f"{fmt(get('mtijax', 'steady_decode_tok_s'), 0, 1).strip()})", flush=True)
+        print(f"    {name}: {fmt(get(name), 0, 1).strip()} tok/s (steady {steady(name)}; default block "
+              f"{get('mtijax', 'decode_block')}: steady {steady('mtijax')})", flush=True)
 
 
 def main() -> None:

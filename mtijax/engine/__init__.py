@@ -9,6 +9,7 @@ from mtijax.engine.sampling import Choice, Plain, Policy, Sampling, sample, samp
 
 __all__ = [
     "CacheEdit", "Graft", "Interventions", "StepPatch", "Ladder", "default_ladder", "LayerStack", "Record", "Resident",
-    "State", "collect", "compiled_counts", "decode_block_size", "row_keys", "run", "stream", "Request", "check_context", "check_token_ids", "lay_out", "pad_prompts",
+    "State", "collect", "compiled_counts", "decode_block_size", "row_keys", "run", "stream", "Request",
+    "check_context", "check_token_ids", "lay_out", "pad_prompts",
     "stop_tokens", "Choice", "Plain", "Policy", "Sampling", "sample", "sample_rows", "suppress_mask",
 ]

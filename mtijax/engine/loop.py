@@ -16,9 +16,10 @@ They are compiled once per model, params layout, batch bucket, cache rung and in
 (:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. A new
 signature's decode step compiles on a background thread while its prefill compiles (:func:`compile_step_ahead`).
 Steps are dispatched from Python; on accelerators a resident run dispatches them ``decode_block_size()`` at a time
-as one program (:func:`decode_block`), and yields their records call by call. A source of params that is not resident (``mtijax.streaming``) passes its own
-:class:`LayerStack` to :func:`run`: it computes the prefill chunks and the layers of each decode call, and
-ends every call with the same :func:`finish`; the state, the start and the bookkeeping stay the engine's.
+as one program (:func:`decode_block`), and yields their records call by call. A source of params that is not
+resident (``mtijax.streaming``) passes its own :class:`LayerStack` to :func:`run`: it computes the prefill chunks
+and the layers of each decode call, and ends every call with the same :func:`finish`; the state, the start and the
+bookkeeping stay the engine's.
 
 A *sweep* (``run(..., sweep_axes=...)``) runs ``K`` variants of the interventions at once: the three
 functions are ``jax.vmap``-ed over the intervention leaves that ``sweep_axes`` marks, so ``K`` layer masks
@@ -315,16 +316,28 @@ class Resident(NamedTuple):
         return (self.chunk_fn or _chunk_jit)(self.config, self.layout, self.params, cache, carry, router_state,
                                              tokens, positions, start, interventions)
 
+    @property
+    def decode_params(self) -> Params:
+        """The params the decode calls take (the per-layer buffers where the run split them)."""
+        return self.params if self.step_params is None else self.step_params
+
     def decode_step(self, policy, record_logits, state, interventions, stops, suppress):
-        params = self.params if self.step_params is None else self.step_params
-        return (self.step_fn or _step_jit)(self.config, self.layout, policy, record_logits, params, state,
+        return (self.step_fn or _step_jit)(self.config, self.layout, policy, record_logits, self.decode_params, state,
                                            interventions, stops, suppress)
 
     def decode_block(self, policy, record_logits, state, interventions, stops, suppress, calls):
         """``self.block`` decode calls in one dispatch (:func:`decode_block`), the first ``calls`` of them counted."""
-        params = self.params if self.step_params is None else self.step_params
-        return _block_jit(self.config, self.layout, policy, record_logits, self.block, params, state, interventions,
-                          stops, suppress, calls)
+        return _block_jit(self.config, self.layout, policy, record_logits, self.block, self.decode_params, state,
+                          interventions, stops, suppress, calls)
+
+    def lower_decode(self, policy, record_logits, state, interventions, stops, suppress) -> Any:
+        """The decode program :func:`run` will call (the block where ``self.block > 1``, else the step), lowered
+        for these arguments (``state`` may be abstract)."""
+        if self.block > 1:
+            return _block_jit.lower(self.config, self.layout, policy, record_logits, self.block, self.decode_params,
+                                    state, interventions, stops, suppress, jnp.int32(self.block))
+        return (self.step_fn or _step_jit).lower(self.config, self.layout, policy, record_logits, self.decode_params,
+                                                 state, interventions, stops, suppress)
 
 
 _compiler = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtijax-compile-ahead")
@@ -344,7 +357,7 @@ def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, sta
     compiles at its first call, after the prefill."""
     if os.environ.get("MTIJAX_COMPILE_AHEAD", "1") == "0":
         return None
-    args = (stack.params if stack.step_params is None else stack.step_params, start_args, stops, suppress)
+    args = (stack.decode_params, start_args, stops, suppress)
     leaves, treedef = jax.tree.flatten(args)
     committed = [leaf for leaf in leaves if getattr(leaf, "committed", False)]
     device = tuple(committed[0].sharding.device_set) if committed else ()
@@ -357,16 +370,8 @@ def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, sta
     sharding = jax.sharding.SingleDeviceSharding(device[0]) if device else None
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type, sharding=sharding),
                          jax.eval_shape(functools.partial(start, stack.config), *start_args))
-    calls = jnp.int32(stack.block)
-
-    def compile_step() -> None:
-        if stack.block > 1:
-            _block_jit.lower(stack.config, stack.layout, policy, record_logits, stack.block, args[0], state,
-                             start_args[-1], stops, suppress, calls).compile()
-        else:
-            (stack.step_fn or _step_jit).lower(stack.config, stack.layout, policy, record_logits, args[0], state,
-                                               start_args[-1], stops, suppress).compile()
-    return _compiler.submit(compile_step)
+    return _compiler.submit(
+        lambda: stack.lower_decode(policy, record_logits, state, start_args[-1], stops, suppress).compile())
 
 
 def row_keys(seed: int, rows: int) -> jax.Array:
@@ -471,7 +476,7 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     resident = stack is None and sweep_axes is None
     if stack is None:
         stack = Resident(config, layout, params, step_params=_split_jit(params) if split_layers(params) else None,
-                         block=decode_block_size() if sweep_axes is None else 1)
+                         block=decode_block_size())
     rows = request.rows
     start_fn = _start_jit
     windows = tuple(int(w) for w in family(config).layer_spec(config)["window"]) if rolling else None
@@ -519,25 +524,27 @@ def _blocks(stack: Resident, calls: int, policy: Policy, record_logits: bool, st
     is dispatched and yielded one call at a time (as numpy) once the next block is dispatched, so the device always
     has a block queued. The state yielded with a call's record is the latest dispatched block's (an earlier one
     was donated to it). Stops dispatching once a block ends with every row done."""
-    pending: tuple[Record, int] | None = None
-    while calls > 0 or pending is not None:
-        if calls > 0:
-            count = min(stack.block, calls)
-            calls -= count
-            state, block = stack.decode_block(policy, record_logits, state, interventions, stops, suppress,
-                                              jnp.int32(count))
-            for leaf in jax.tree.leaves(block):
-                leaf.copy_to_host_async()
-            ready, pending = pending, (block, count)
-        else:
-            ready, pending = pending, None
-        if ready is None:
-            continue
-        host = jax.tree.map(np.asarray, ready[0])
-        for index in range(ready[1]):
+    def calls_of(block: Record, count: int) -> Iterator[tuple[State, Record]]:
+        """Yield the first ``count`` calls of ``block`` (with the latest ``state``); return whether all rows are
+        done after them."""
+        host = jax.tree.map(np.asarray, block)
+        for index in range(count):
             yield state, jax.tree.map(lambda a: a[index], host)
-        if host.done[ready[1] - 1].all():
+        return bool(host.done[count - 1].all())
+
+    pending: tuple[Record, int] | None = None
+    while calls > 0:
+        count = min(stack.block, calls)
+        calls -= count
+        state, block = stack.decode_block(policy, record_logits, state, interventions, stops, suppress,
+                                          jnp.int32(count))
+        for leaf in jax.tree.leaves(block):
+            leaf.copy_to_host_async()
+        if pending is not None and (yield from calls_of(*pending)):
             return
+        pending = block, count
+    if pending is not None:
+        yield from calls_of(*pending)
 
 
 class Collected(NamedTuple):

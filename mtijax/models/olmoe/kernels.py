@@ -16,7 +16,7 @@ tests check them that way against the gathered dispatch). Every dimension a tile
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,63 +38,55 @@ def fits(hidden: int, intermediate: int) -> bool:
     return _power_of_two(hidden) and _power_of_two(intermediate)
 
 
-def _tiles(rows: int, cols: int) -> tuple[int, int]:
-    return min(ROWS, rows), min(COLS, cols)
-
-
-def _gate_up_kernel(experts_ref, x_ref, gate_ref, up_ref, out_ref, *, rows: int, tile: tuple[int, int]):
+def _matvec_kernel(experts_ref, x_ref, *refs, rows: int, tile: tuple[int, int], combine: Callable):
+    """Program ``(p, j)``: ``combine(x[p] @ w[e][:, block j] for each weight ref w)`` with ``e = experts[p]``,
+    streamed over ``rows`` in tiles of ``tile[0]`` and accumulated in float32; ``refs`` = the weights, then the
+    output."""
+    *weights, out_ref = refs
     p, j = pl.program_id(0), pl.program_id(1)
     e = experts_ref[p]
     tr, tc = tile
     cols = pl.ds(j * tc, tc)
 
     def step(i, acc):
-        g, u = acc
         span = pl.ds(i * tr, tr)
         x = x_ref[p, span].astype(jnp.float32)[:, None]
-        return (g + jnp.sum(x * gate_ref[e, span, cols].astype(jnp.float32), axis=0),
-                u + jnp.sum(x * up_ref[e, span, cols].astype(jnp.float32), axis=0))
+        return tuple(a + jnp.sum(x * w[e, span, cols].astype(jnp.float32), axis=0) for a, w in zip(acc, weights))
 
-    zero = jnp.zeros((tc,), jnp.float32)
-    g, u = jax.lax.fori_loop(0, rows // tr, step, (zero, zero))
-    out_ref[p, cols] = (jax.nn.silu(g) * u).astype(out_ref.dtype)
+    acc = jax.lax.fori_loop(0, rows // tr, step, tuple(jnp.zeros((tc,), jnp.float32) for _ in weights))
+    out_ref[p, cols] = combine(*acc).astype(out_ref.dtype)
 
 
-def _down_kernel(experts_ref, h_ref, down_ref, out_ref, *, rows: int, tile: tuple[int, int]):
-    p, j = pl.program_id(0), pl.program_id(1)
-    e = experts_ref[p]
-    tr, tc = tile
-    cols = pl.ds(j * tc, tc)
+def _gathered_matvec(x: jax.Array, weights: tuple[jax.Array, ...], experts: jax.Array, combine: Callable,
+                     dtype: Any, interpret: bool) -> jax.Array:
+    """``combine(x[p] @ w[experts[p]] for w in weights)`` for ``x [P, R]``, each ``w [E, R, C]``: ``[P, C]``."""
+    pairs, rows = x.shape
+    width = weights[0].shape[-1]
+    tile = (min(ROWS, rows), min(COLS, width))
+    return pl.pallas_call(functools.partial(_matvec_kernel, rows=rows, tile=tile, combine=combine),
+                          out_shape=jax.ShapeDtypeStruct((pairs, width), dtype),
+                          grid=(pairs, width // tile[1]), interpret=interpret)(experts, x, *weights)
 
-    def step(i, acc):
-        span = pl.ds(i * tr, tr)
-        h = h_ref[p, span].astype(jnp.float32)[:, None]
-        return acc + jnp.sum(h * down_ref[e, span, cols].astype(jnp.float32), axis=0)
 
-    out_ref[p, cols] = jax.lax.fori_loop(0, rows // tr, step, jnp.zeros((tc,), jnp.float32)).astype(out_ref.dtype)
+def _silu_product(gate: jax.Array, up: jax.Array) -> jax.Array:
+    return jax.nn.silu(gate) * up
+
+
+def _identity(out: jax.Array) -> jax.Array:
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def gate_up(x: jax.Array, gate: jax.Array, up: jax.Array, experts: jax.Array, interpret: bool = False) -> jax.Array:
     """``silu(x[p] @ gate[experts[p]]) * (x[p] @ up[experts[p]])`` for ``x [P, D]``, ``gate/up [E, D, F]``,
     ``experts [P]``: ``[P, F]`` in ``x``'s dtype."""
-    pairs, hidden = x.shape
-    width = gate.shape[-1]
-    tile = _tiles(hidden, width)
-    return pl.pallas_call(functools.partial(_gate_up_kernel, rows=hidden, tile=tile),
-                          out_shape=jax.ShapeDtypeStruct((pairs, width), x.dtype),
-                          grid=(pairs, width // tile[1]), interpret=interpret)(experts, x, gate, up)
+    return _gathered_matvec(x, (gate, up), experts, _silu_product, x.dtype, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def down(h: jax.Array, weights: jax.Array, experts: jax.Array, interpret: bool = False) -> jax.Array:
     """``h[p] @ weights[experts[p]]`` for ``h [P, F]``, ``weights [E, F, D]``, ``experts [P]``: ``[P, D]`` float32."""
-    pairs, width = h.shape
-    hidden = weights.shape[-1]
-    tile = _tiles(width, hidden)
-    return pl.pallas_call(functools.partial(_down_kernel, rows=width, tile=tile),
-                          out_shape=jax.ShapeDtypeStruct((pairs, hidden), jnp.float32),
-                          grid=(pairs, hidden // tile[1]), interpret=interpret)(experts, h, weights)
+    return _gathered_matvec(h, (weights,), experts, _identity, jnp.float32, interpret)
 
 
 def experts_gathered_in_place(moe: Params, x: jax.Array, experts: jax.Array, weights: jax.Array,
