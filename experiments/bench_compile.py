@@ -42,7 +42,9 @@ longer prefill of a longer prompt included), ``compile_cost_s`` = the whole firs
 Compilations are counted with ``jax.monitoring`` listeners, per call: ``backend_compiles`` (XLA executables built
 or loaded, events ``/jax/core/compile/backend_compile_duration``), ``persistent_cache_hits`` (loaded from the
 persistent cache), ``xla_compiles`` (their difference: actually compiled), ``persistent_cache_writes``,
-``traces`` (jaxpr traces), ``compile_s`` and ``functions`` (compiles per jitted function's name).
+``traces`` (jaxpr traces), ``compile_s`` and ``functions`` (compiles per jitted function's name), and ``timeline``:
+each trace, lowering and backend compile as ``[function, event, start_s, end_s, thread]``, seconds from the
+call's start, which shows what the first token waited for (the ahead compile runs on its own thread).
 
 Prompts are random token ids; generation is greedy and never stops early (``stop_ids=()``). ``--budget-s``
 bounds the run: each model gets an equal share of what is left; a case is not started after its share's end
@@ -83,6 +85,7 @@ import selectors
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -186,6 +189,7 @@ class CompileCounter:
 
     BACKEND = "/jax/core/compile/backend_compile_duration"
     TRACE = "/jax/core/compile/jaxpr_trace_duration"
+    LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
     HIT = "/jax/compilation_cache/cache_hits"
     WRITE = "/jax/compilation_cache/cache_misses"  # jax records it when it writes an entry
 
@@ -195,6 +199,7 @@ class CompileCounter:
         self.counts: collections.Counter = collections.Counter()
         self.seconds: collections.Counter = collections.Counter()
         self.functions: collections.Counter = collections.Counter()
+        self.events: list[tuple[str, str, float, float, str]] = []
         jax.monitoring.register_event_listener(self._event)
         jax.monitoring.register_event_duration_secs_listener(self._duration)
 
@@ -204,19 +209,27 @@ class CompileCounter:
     def _duration(self, event: str, duration: float, **kwargs: Any) -> None:
         self.counts[event] += 1
         self.seconds[event] += duration
+        name = str(kwargs.get("fun_name", "?"))
         if event == self.BACKEND:
-            self.functions[str(kwargs.get("fun_name", "?"))] += 1
+            self.functions[name] += 1
+        kinds = {self.BACKEND: "compile", self.TRACE: "trace", self.LOWER: "lower"}
+        if event in kinds:
+            end = time.perf_counter()
+            self.events.append((name, kinds[event], end - duration, end, threading.current_thread().name))
 
     def snapshot(self) -> tuple:
-        return self.counts.copy(), self.seconds.copy(), self.functions.copy()
+        return self.counts.copy(), self.seconds.copy(), self.functions.copy(), len(self.events)
 
-    def since(self, snapshot: tuple) -> dict:
-        """What was counted after ``snapshot``."""
-        counts, seconds, functions = (now - then for now, then in zip(self.snapshot(), snapshot))
+    def since(self, snapshot: tuple, start: float) -> dict:
+        """What was counted after ``snapshot``, taken at ``time.perf_counter() == start``."""
+        counts, seconds, functions = (now - then for now, then in zip(self.snapshot()[:3], snapshot[:3]))
+        timeline = [[name, kind, round(begin - start, 3), round(end - start, 3), thread]
+                    for name, kind, begin, end, thread in self.events[snapshot[3]:]]
         backend, hits = counts[self.BACKEND], counts[self.HIT]
         return {"backend_compiles": backend, "persistent_cache_hits": hits, "xla_compiles": backend - hits,
                 "persistent_cache_writes": counts[self.WRITE], "traces": counts[self.TRACE],
-                "compile_s": round(seconds[self.BACKEND], 3), "functions": dict(functions.most_common())}
+                "compile_s": round(seconds[self.BACKEND], 3), "functions": dict(functions.most_common()),
+                "timeline": timeline}
 
 
 def jax_cache_settings() -> dict:
@@ -281,7 +294,7 @@ def worker_session(spec: dict) -> None:
     config = model_config(spec["model"])
     before, start = counter.snapshot(), time.perf_counter()
     params = jax.block_until_ready(mtijax.init_params(config, jax.random.key(0), jnp.dtype(spec["dtype"])))
-    emit(event="init", seconds=time.perf_counter() - start, compiles=counter.since(before))
+    emit(event="init", seconds=time.perf_counter() - start, compiles=counter.since(before, start))
     rng = np.random.default_rng(0)
 
     def call(prompt: list[int], new_tokens: int) -> dict:
@@ -291,7 +304,7 @@ def worker_session(spec: dict) -> None:
         first, at = time.perf_counter() - start, time.time() - spawned
         count = 1 + sum(1 for _ in stream)
         return {"first_token_s": first, "total_s": time.perf_counter() - start, "tokens": count,
-                "first_token_since_spawn_s": at, "compiles": counter.since(before)}
+                "first_token_since_spawn_s": at, "compiles": counter.since(before, start)}
 
     for case in spec["cases"]:
         if time.time() >= spec["deadline"]:

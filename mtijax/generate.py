@@ -94,7 +94,7 @@ def start_run(config: ModelConfig, params: Params, prompts: Sequence[Sequence[in
                       edits_cache=interventions.cache_edit is not None)
     suppress = suppress_mask(config.vocab_size, suppress_ids)
     steps = loop.run(config, fuse_qkv(params), request, policy=policy, interventions=interventions,
-                     keys=loop.row_keys(seed, request.rows), suppress=suppress, record_logits=record_logits,
+                     seed=seed, suppress=suppress, record_logits=record_logits,
                      layout=FUSED)
     return request, steps
 

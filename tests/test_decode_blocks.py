@@ -137,6 +137,24 @@ def test_the_block_compiles_once_ahead_and_serves_every_prompt_length_and_max_ne
     assert len(threads) == 1 and threads[0].startswith("mtijax-compile-ahead")
 
 
+@pytest.mark.parametrize("committed", [False, True], ids=["params from a jit", "params device_put"])
+def test_with_split_layers_the_block_compiles_ahead_from_abstract_inputs_and_is_found(monkeypatch, committed):
+    """On accelerators the decode program takes per-layer buffers (``split_layers``), and its compile starts
+    before the split, the empty cache and the row keys exist, from their shapes: the first call still finds that
+    program (one compile, on the compile-ahead thread), and the tokens equal the stacked run's."""
+    m = random_tiny_model(vocab_size=264 + committed)  # a signature this process has not compiled
+    params = jax.device_put(m.params, jax.devices()[0]) if committed else m.params
+    prompts = random_prompts(6, [6, 3])
+    want = generate(m.config, params, prompts, 5, stop_ids=())
+    in_blocks(monkeypatch, 2)
+    monkeypatch.setattr(loop, "split_layers", lambda params: True)
+    with decode_step_compiles() as threads:
+        got = generate(m.config, params, prompts, 5, stop_ids=())
+        generate(m.config, params, random_prompts(6, [9, 4]), 3, stop_ids=())
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert len(threads) == 1 and threads[0].startswith("mtijax-compile-ahead")
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "eight"])
 def test_a_block_size_that_is_not_a_positive_integer_is_refused(model, monkeypatch, value):
     monkeypatch.setenv("MTIJAX_DECODE_BLOCK", value)

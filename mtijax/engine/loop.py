@@ -346,30 +346,40 @@ _compiled_ahead: set[tuple] = set()
 
 def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, start_args: tuple, stops: jax.Array,
                        suppress: jax.Array | None) -> concurrent.futures.Future | None:
-    """Compile ``stack``'s decode step in a background thread, so that it compiles while the prefill compiles and
-    runs (both are XLA work that releases the GIL); ``None`` if this process already did for this signature.
+    """Compile ``stack``'s decode program in a background thread, so that it compiles while the small programs
+    before the prefill (the split layers, the empty cache, the row keys) and the prefill compile and run (all XLA
+    work that releases the GIL); ``None`` if this process already did for this signature.
 
     ``start_args`` are :func:`start`'s arguments after ``config`` (the cache before the prefill: the prefill keeps
-    its shapes). The step is lowered with the abstract state :func:`start` will return. Its leaves are committed
-    to the device exactly when one of the arguments is (a jit's outputs are committed when any input is), as the
-    real state's will be, so the call finds the compiled program in jit's caches instead of compiling again
-    (``tests/test_generation.py`` counts the compiles). ``MTIJAX_COMPILE_AHEAD=0`` switches it off: the step then
-    compiles at its first call, after the prefill."""
+    its shapes); the cache and the keys, like ``stack.step_params``, may be abstract (``jax.ShapeDtypeStruct``),
+    so that the compile starts before the programs that make them. The program is lowered with the abstract state
+    :func:`start` will return. Its leaves, and abstract step params, are committed to the device exactly when one of
+    the concrete arguments or params is (a jit's outputs are committed when any input is), as the real ones will
+    be, so the call finds the compiled program in jit's caches instead of compiling again
+    (``tests/test_generation.py`` counts the compiles). ``MTIJAX_COMPILE_AHEAD=0`` switches it off: the program
+    then compiles at its first call, after the prefill."""
     if os.environ.get("MTIJAX_COMPILE_AHEAD", "1") == "0":
         return None
     args = (stack.decode_params, start_args, stops, suppress)
     leaves, treedef = jax.tree.flatten(args)
-    committed = [leaf for leaf in leaves if getattr(leaf, "committed", False)]
+    committed = [leaf for leaf in leaves + jax.tree.leaves(stack.params) if getattr(leaf, "committed", False)]
     device = tuple(committed[0].sharding.device_set) if committed else ()
     signature = (stack.config, stack.layout, policy, record_logits, stack.block, treedef, device,
-                 tuple((np.shape(leaf), str(getattr(leaf, "dtype", type(leaf))), getattr(leaf, "weak_type", False))
+                 tuple((tuple(leaf.shape) if isinstance(leaf, jax.ShapeDtypeStruct) else np.shape(leaf),
+                        str(getattr(leaf, "dtype", type(leaf))), getattr(leaf, "weak_type", False))
                        for leaf in leaves))
     if signature in _compiled_ahead or len(device) > 1:
         return None
     _compiled_ahead.add(signature)
     sharding = jax.sharding.SingleDeviceSharding(device[0]) if device else None
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type, sharding=sharding),
-                         jax.eval_shape(functools.partial(start, stack.config), *start_args))
+
+    def placed(a: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type, sharding=sharding)
+
+    state = jax.tree.map(placed, jax.eval_shape(functools.partial(start, stack.config), *start_args))
+    if stack.step_params is not None:
+        stack = stack._replace(step_params=jax.tree.map(
+            lambda a: placed(a) if isinstance(a, jax.ShapeDtypeStruct) else a, stack.step_params))
     return _compiler.submit(
         lambda: stack.lower_decode(policy, record_logits, state, start_args[-1], stops, suppress).compile())
 
@@ -446,7 +456,7 @@ def _initial(interventions: Interventions, rows: int) -> tuple[dict[int, Any], A
 
 
 def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy,
-        interventions: Interventions = Interventions(), keys: jax.Array | None = None,
+        interventions: Interventions = Interventions(), keys: jax.Array | None = None, seed: int = 0,
         suppress: np.ndarray | None = None, record_logits: bool = False,
         layout: str = "params", stack: LayerStack | None = None,
         sweep_axes: Any = None) -> Iterator[tuple[State, Record]]:
@@ -455,7 +465,8 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
     decode blocks (:func:`decode_block_size` > 1; the default stack without a sweep) the records come as numpy,
     a block at a time, with the latest dispatched block's state (see :func:`_blocks`).
 
-    ``keys``: ``[rows]`` per-row PRNG keys (default :func:`row_keys` of seed 0). ``layout``: the params layout
+    ``keys``: ``[rows]`` per-row PRNG keys (default :func:`row_keys` of ``seed``, made after the decode program's
+    compile has started). ``layout``: the params layout
     of ``params`` (``"fused_qkv"`` for :func:`~mtijax.models.fused.fuse_qkv` params). ``stack``: what computes
     the prefill chunks and decode calls (default :class:`Resident` over ``params``); with another stack,
     ``params`` needs only what :func:`finish` reads (embedding, final norm, output head), and the KV cache
@@ -474,14 +485,17 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
         raise MtijaxError("a sweep runs on resident params; give params, not a layer stack")
     rolling = request.rolling and stack is None and interventions.cache_edit is None
     resident = stack is None and sweep_axes is None
+    split = resident and split_layers(params)
     if stack is None:
-        stack = Resident(config, layout, params, step_params=_split_jit(params) if split_layers(params) else None,
+        stack = Resident(config, layout, params, step_params=_split_jit.eval_shape(params) if split else None,
                          block=decode_block_size())
     rows = request.rows
     start_fn = _start_jit
     windows = tuple(int(w) for w in family(config).layer_spec(config)["window"]) if rolling else None
-    cache = _empty_cache(config.num_layers, rows, request.cache_length, config.num_kv_heads, config.head_dim,
-                         jnp.dtype(params["embed"].dtype), windows)
+    cache_args = (config.num_layers, rows, request.cache_length, config.num_kv_heads, config.head_dim,
+                  jnp.dtype(params["embed"].dtype), windows)
+    stops = jnp.asarray(request.stops)
+    suppress = None if suppress is None or not suppress.any() else jnp.asarray(suppress)
     if sweep_axes is None:
         interventions = pad_batch(interventions, request.batch, rows)
         carry, router_state = _initial(interventions, rows)
@@ -490,22 +504,28 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
         leaves, treedef = jax.tree.flatten(sweep_axes, is_leaf=lambda x: x is None)
         chunk_fn, start_fn, step_fn = _swept_jits(treedef, tuple(leaves), request.batch, rows)
         stack = Resident(config, layout, params, chunk_fn, step_fn)
-        cache = jax.tree.map(lambda x: jnp.repeat(x[None], size, axis=0), cache)
         carry, router_state = jax.vmap(lambda i: _initial(i, rows), in_axes=(sweep_axes,), axis_size=size)(
             interventions)
-    keys = row_keys(0, rows) if keys is None else keys
-    start_args = (cache, carry, router_state, policy.start(rows), jnp.asarray(request.first_token),
-                  jnp.asarray(request.first_position), jnp.asarray(request.lengths), jnp.int32(request.width), keys,
-                  interventions)
-    stops = jnp.asarray(request.stops)
-    suppress = None if suppress is None or not suppress.any() else jnp.asarray(suppress)
-    ahead = compile_step_ahead(stack, policy, record_logits, start_args, stops, suppress) if resident else None
+    rest = (policy.start(rows), jnp.asarray(request.first_token), jnp.asarray(request.first_position),
+            jnp.asarray(request.lengths), jnp.int32(request.width))
+    ahead = None
+    if resident:  # the decode program starts compiling before the programs that make its inputs
+        abstract_keys = _row_keys_jit.eval_shape(np.uint32(seed % 2**32), rows) if keys is None else keys
+        ahead = compile_step_ahead(stack, policy, record_logits,
+                                   (_empty_cache.eval_shape(*cache_args), carry, router_state, *rest,
+                                    abstract_keys, interventions), stops, suppress)
+    if split:
+        stack = stack._replace(step_params=_split_jit(params))
+    cache = _empty_cache(*cache_args)
+    if sweep_axes is not None:
+        cache = jax.tree.map(lambda x: jnp.repeat(x[None], size, axis=0), cache)
+    keys = row_keys(seed, rows) if keys is None else keys
     tokens, positions = jnp.asarray(request.tokens), jnp.asarray(request.positions)
     for begin in range(0, request.width, request.chunk):
         cache, carry, router_state = stack.prefill_chunk(
             cache, carry, router_state, tokens[:, begin:begin + request.chunk],
             positions[:, begin:begin + request.chunk], jnp.int32(begin), interventions)
-    state = start_fn(config, cache, carry, router_state, *start_args[3:])
+    state = start_fn(config, cache, carry, router_state, *rest, keys, interventions)
     if ahead is not None:
         ahead.result()  # the step is compiled (or its compile error is raised here)
     if isinstance(stack, Resident) and stack.block > 1:

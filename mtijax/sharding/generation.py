@@ -90,7 +90,7 @@ def start_run(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]]
                       edits_cache=interventions.cache_edit is not None)
     chunk_fn, step_fn = engine_functions(mesh, tuple(sorted(resolve(rules).items(), key=lambda kv: kv[0])))
     steps = loop.run(config, params, request, policy=policy, interventions=interventions,
-                     keys=loop.row_keys(seed, request.rows), suppress=suppress_mask(config.vocab_size, suppress_ids),
+                     seed=seed, suppress=suppress_mask(config.vocab_size, suppress_ids),
                      record_logits=record_logits, layout=LAYOUT,
                      stack=loop.Resident(config, LAYOUT, params, chunk_fn, step_fn))
     return request, steps

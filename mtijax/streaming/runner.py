@@ -273,7 +273,7 @@ class StreamedModel:
         stack = _StreamedStack(self, order, request)
         steps = loop.run(self.config, self.resident, request, policy=policy,
                          interventions=jax.device_put(interventions, self.host.device_sharding),
-                         keys=loop.row_keys(seed, request.rows), suppress=suppress, record_logits=record_logits,
+                         seed=seed, suppress=suppress, record_logits=record_logits,
                          stack=stack)
         return request, self._dropping_prefetch(steps)
 
