@@ -13,6 +13,10 @@ kernels are chosen on GPUs only), so there the script is only a smoke run (``--t
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/probe_moe_kernels.py --out /tmp/probe_moe_kernels.json
     python experiments/probe_moe_kernels.py --tiny
+
+``--dtype float32`` runs both in float32 with every XLA matmul at full precision (``jax_default_matmul_precision``
+``highest``; the default lets GPUs use TF32), so that the two dispatches differ only by their summation order and
+greedy tokens should agree where bfloat16's one-ulp differences can tip a near tie of random weights.
 """
 
 from __future__ import annotations
@@ -59,13 +63,18 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="weights' dtype (default bfloat16 on GPUs, float32 elsewhere)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     config = TINY if args.tiny else mtijax.preset(args.preset)
-    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
+    if dtype == jnp.float32:
+        jax.config.update("jax_default_matmul_precision", "highest")
     params = mtijax.init_params(config, jax.random.key(0), dtype)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": "tiny" if args.tiny
-              else args.preset, "dtype": str(jnp.dtype(dtype)),
+              else args.preset, "dtype": str(dtype),
+              "matmul_precision": jax.config.jax_default_matmul_precision,
               "layer": layer_difference(config, params, args.tokens)}
     print("layer:", result["layer"], flush=True)
     prompts = np.random.default_rng(0).integers(3, config.vocab_size, (2, args.prompt_len)).tolist()
