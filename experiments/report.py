@@ -745,6 +745,25 @@ def bench_moe_h200(results: dict) -> str:
     return "\n".join([head, "", markdown(["tokens", *names, "chosen"], rows)])
 
 
+@table("compile_first_process_h200", "probe_compile_first_process_h200.json")
+def compile_first_process_h200(results: dict) -> str:
+    """The 270M's cold first token by where its process ran on the machine, and under which XLA flags."""
+    rows = []
+    for r in results["runs"]:
+        rate = r.get("decode_tok_s") or {}
+        span = lambda key: "-" if r[key] is None else f"{r[key][1]:.1f} s"
+        rows.append([r["device_call"], "first" if r["first_process_on_the_machine"] else "later",
+                     f"`{r['xla_flags']}`" if r["xla_flags"] else "defaults", f"{r['cold_first_token_s']:.2f} s",
+                     span("prefill_chunk_compile_s"), span("decode_block_compile_s"),
+                     f"{r['second_process_first_token_s']:.2f} s",
+                     *[num(rate[k]) if k in rate else "-" for k in ("gemma3-270m b1", "gemma3-270m b8",
+                                                                     "gemma3-1b b1", "gemma3-1b b8")]])
+    head = (f"{results['note']} `experiments/results/probe_compile_first_process_h200.json`.")
+    return "\n".join([head, "", markdown(["call", "process on its machine", "XLA flags", "cold first token",
+                                           "prefill compiled at", "decode compiled at", "second process",
+                                           "270M b1 tok/s", "270M b8", "1B b1", "1B b8"], rows)])
+
+
 @table("step_profile_1b_h200", "probe_step_profile_1b_h200.json")
 def step_profile_1b_h200(results: dict) -> str:
     """The 1B's decode step under the profiler, in blocks of 8 and one call per dispatch."""
