@@ -8,6 +8,9 @@ the 12B shapes (so nothing stays in L2), one jitted function per variant:
 * ``q,k,v separate``: three products, as the model computes them;
 * ``qkv concatenated``: one product with ``[Wq | Wk | Wv]``;
 * ``o``: the o-projection; ``mlp gate+up`` and ``mlp down``: the MLP's products;
+* ``mlp gate+up, [out, in]`` and ``mlp down, [out, in]``: the same products with the weights stored transposed
+  (``x @ w.T``), so that each output reduces along a contiguous row of the weights: whether XLA's
+  matrix-vector kernels read that layout closer to the bandwidth (for a decode-time layout transform);
 
 each as GB/s of weights read and as a fraction of the device's copy bandwidth.
 ``--xla-flags-variants`` reruns it in subprocesses under other ``XLA_FLAGS``.
@@ -36,7 +39,7 @@ def measure(size: str, batch: int) -> dict:
 
     c = mtijax.preset(size)
     d, q, kv, f = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-    keys = iter(jax.random.split(jax.random.key(0), 64))
+    keys = iter(jax.random.split(jax.random.key(0), 128))
 
     def weights(*shape):
         return [0.02 * jax.random.normal(next(keys), shape, jnp.bfloat16) for _ in range(LAYERS)]
@@ -47,12 +50,15 @@ def measure(size: str, batch: int) -> dict:
     wq, wk, wv, wo = weights(d, q), weights(d, kv), weights(d, kv), weights(q, d)
     wqkv = [jnp.concatenate(parts, axis=1) for parts in zip(wq, wk, wv)]
     wgu, wdown = weights(d, 2 * f), weights(f, d)
+    wgu_t, wdown_t = weights(2 * f, d), weights(d, f)
     variants = {
         "q,k,v separate": (lambda ws: [x @ w for triple in ws for w in triple], list(zip(wq, wk, wv))),
         "qkv concatenated": (lambda ws: [x @ w for w in ws], wqkv),
         "o": (lambda ws: [xq @ w for w in ws], wo),
         "mlp gate+up": (lambda ws: [x @ w for w in ws], wgu),
         "mlp down": (lambda ws: [xf @ w for w in ws], wdown),
+        "mlp gate+up, [out, in]": (lambda ws: [x @ w.T for w in ws], wgu_t),
+        "mlp down, [out, in]": (lambda ws: [xf @ w.T for w in ws], wdown_t),
     }
     out = {}
     for name, (fn, ws) in variants.items():
@@ -97,7 +103,7 @@ def main() -> None:
         result = json.loads(child.stdout.strip().splitlines()[-1])
         report["runs"][flags or "default"] = result
         for name, r in result.items():
-            print(f"{flags or 'default':<40} {name:<18} {r['us']:9.1f} us {r['GBps']:7.0f} GB/s "
+            print(f"{flags or 'default':<40} {name:<24} {r['us']:9.1f} us {r['GBps']:7.0f} GB/s "
                   f"{100 * r['GBps'] / bandwidth:5.1f}% of copy", flush=True)
     if args.out:
         with open(args.out, "w") as f:
