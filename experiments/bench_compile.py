@@ -44,7 +44,9 @@ or loaded, events ``/jax/core/compile/backend_compile_duration``), ``persistent_
 persistent cache), ``xla_compiles`` (their difference: actually compiled), ``persistent_cache_writes``,
 ``traces`` (jaxpr traces), ``compile_s`` and ``functions`` (compiles per jitted function's name), and ``timeline``:
 each trace, lowering and backend compile as ``[function, event, start_s, end_s, thread]``, seconds from the
-call's start, which shows what the first token waited for (the ahead compile runs on its own thread).
+call's start, which shows what the first token waited for (the ahead compile runs on its own thread). Where
+``nvidia-smi`` exists, each mtijax child also records the GPU's SM clock, performance state and power draw at its
+start and end (``startup.gpu``, ``done.gpu``).
 
 Prompts are random token ids; generation is greedy and never stops early (``stop_ids=()``). ``--budget-s``
 bounds the run: each model gets an equal share of what is left; a case is not started after its share's end
@@ -273,6 +275,19 @@ def worker_probe(spec: dict) -> None:
              num_params=config.num_params, vocab_size=config.vocab_size)
 
 
+def gpu_state() -> dict | None:
+    """The GPU's SM clock, performance state and power draw as ``nvidia-smi`` reads them now (None without it):
+    a fresh machine's first run compiles more slowly than later ones, and this is recorded to tell why."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    fields = ("clocks.sm", "pstate", "power.draw")
+    out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    if out.returncode or not out.stdout.strip():
+        return None
+    return dict(zip(fields, (v.strip() for v in out.stdout.splitlines()[0].split(","))))
+
+
 def worker_session(spec: dict) -> None:
     """Start-up, init, then each case of ``spec["cases"]`` (``name``, ``prompt_len``, ``new_tokens``, ``repeat``)
     until ``spec["deadline"]``; every result is one event line."""
@@ -288,7 +303,7 @@ def worker_session(spec: dict) -> None:
     jax.devices()
     ready = time.time()
     emit(event="startup", to_python_s=entered - spawned, import_s=imported - entered, backend_s=ready - imported,
-         startup_s=ready - spawned)
+         startup_s=ready - spawned, gpu=gpu_state())
     from bench_generate import model_config
 
     config = model_config(spec["model"])
@@ -315,7 +330,7 @@ def worker_session(spec: dict) -> None:
         if case["repeat"]:
             result["repeat"] = call(prompt, case["new_tokens"])
         emit(**result)
-    emit(event="done", since_spawn_s=time.time() - spawned, cache=jax_cache_settings())
+    emit(event="done", since_spawn_s=time.time() - spawned, cache=jax_cache_settings(), gpu=gpu_state())
 
 
 def worker_peer(spec: dict) -> None:
