@@ -442,7 +442,8 @@ def _compile_table(b: dict, source: str) -> str:
                      *[("skipped" if c is None else f"{c:+.2f} s") for c in cells],
                      longest.split("_")[1] if longest else "-"])
     gpu = m.get("platform") == "gpu"
-    head = (f"Measured on {m['device']} ({m['cpu_cores']} host cores, jax {m['jax']}), random "
+    where = m["device"] if gpu else (m["cpu"] or "a CPU")
+    head = (f"Measured on {where} ({m['cpu_cores']} host cores, jax {m['jax']}), random "
             f"{'bfloat16' if gpu else 'float32'} weights, a 100-token prompt and 16 new tokens, greedy; a new shape's "
             "cost is its first call's first token minus the same call repeated. Targets: " +
             ("cold first token at most 10 s (270M) and 30 s (12B), a new shape at most 1 s over warm, a second "
@@ -501,7 +502,7 @@ def step_profile_h200(results: dict) -> str:
 @table("bench_compile_cpu", "bench_compile_cpu.json")
 def bench_compile_cpu(b: dict) -> str:
     """The compile costs on this project's 2-core CPU machine, with the quick-start command."""
-    return _compile_table(b, "bench_compile_cpu.json")
+    return f"Code: {b['machine']['commit'][:7]}. " + _compile_table(b, "bench_compile_cpu.json")
 
 
 @table("compile_levers_h200", "probe_compile_levers_12b_h200.json")
