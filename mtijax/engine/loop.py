@@ -510,7 +510,8 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
             jnp.asarray(request.lengths), jnp.int32(request.width))
     ahead = None
     if resident:  # the decode program starts compiling before the programs that make its inputs
-        abstract_keys = jax.eval_shape(functools.partial(row_keys, seed, rows)) if keys is None else keys
+        # the keys' shape does not depend on the seed; the jit's eval_shape is cached, a fresh partial's is not
+        abstract_keys = _row_keys_jit.eval_shape(np.uint32(0), rows) if keys is None else keys
         ahead = compile_step_ahead(stack, policy, record_logits,
                                    (_empty_cache.eval_shape(*cache_args), carry, router_state, *rest,
                                     abstract_keys, interventions), stops, suppress)
