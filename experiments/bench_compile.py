@@ -34,6 +34,11 @@ owns, so the engine's persistent compilation cache (``$MTIJAX_CACHE/xla``) is em
    directory: seconds from spawning it to the first byte on its stdout (the CLI prints the first generated text
    as soon as it has it) and to its exit, with its stderr lines time-stamped.
 
+Each call ends by waiting for the engine's tuned builds (``mtijax.engine.settle_compiles``; on a GPU the first
+calls of a new shape run quick builds while the tuned ones compile, ``mtijax.engine.tiers``): ``settled_s`` is
+the seconds from the call to that point, and the call's compiles include those builds, so every repeat runs
+tuned programs.
+
 Derived, per case: ``over_warm_s`` = the first call's first token minus the same call's repeat (what a new shape
 costs; the target applies to it), ``over_base_warm_s`` = minus the ``warm`` first token at the base shape (the
 longer prefill of a longer prompt included), ``compile_cost_s`` = the whole first call minus the whole repeat
@@ -297,6 +302,7 @@ def worker_session(spec: dict) -> None:
     import numpy as np
 
     import mtijax
+    from mtijax.engine import settle_compiles
 
     imported = time.time()
     counter = CompileCounter()
@@ -318,7 +324,9 @@ def worker_session(spec: dict) -> None:
         next(stream)
         first, at = time.perf_counter() - start, time.time() - spawned
         count = 1 + sum(1 for _ in stream)
-        return {"first_token_s": first, "total_s": time.perf_counter() - start, "tokens": count,
+        total = time.perf_counter() - start
+        settle_compiles()
+        return {"first_token_s": first, "total_s": total, "settled_s": time.perf_counter() - start, "tokens": count,
                 "first_token_since_spawn_s": at, "compiles": counter.since(before, start)}
 
     for case in spec["cases"]:
@@ -418,7 +426,7 @@ def derive(cold: dict, second: dict, peer: dict | None, model: str) -> dict:
     summary: dict = {"startup_s": cold.get("startup", {}).get("startup_s"),
                      "init_s": cold.get("init", {}).get("seconds"),
                      "cold_first_token_s": base.get("first", {}).get("first_token_s"), "warm_first_token_s": warm,
-                     "new_shapes": {}}
+                     "cold_settled_s": base.get("first", {}).get("settled_s"), "new_shapes": {}}
     for name, case in {**cold["cases"], **second["cases"]}.items():
         first, repeat = case["first"], case.get("repeat")
         if repeat:
@@ -584,8 +592,9 @@ def main() -> None:
         "settings": {"dtype": dtype, "sizes": sizes, "context_limit": context_limit, "base_prompt_len": BASE_PROMPT,
                      "base_new_tokens": BASE_NEW, "budget_s": args.budget_s, "grace_s": args.grace_s,
                      "persistent_cache": not args.no_persistent_cache, "compile_ahead": not args.no_compile_ahead,
-                     "env": {k: os.environ.get(k) for k in ("MTIJAX_COMPILATION_CACHE", "MTIJAX_COMPILE_AHEAD", "XLA_FLAGS",
-                                                            "XLA_PYTHON_CLIENT_PREALLOCATE", "JAX_PLATFORMS")}},
+                     "env": {k: os.environ.get(k) for k in (
+                         "MTIJAX_COMPILATION_CACHE", "MTIJAX_COMPILE_AHEAD", "MTIJAX_TIERED_COMPILE", "XLA_FLAGS",
+                         "XLA_PYTHON_CLIENT_PREALLOCATE", "JAX_PLATFORMS")}},
         "targets": TARGETS, "models": {}, "quick_start": None, "elapsed_s": 0.0, "finished": False,
     }
 

@@ -120,8 +120,9 @@ def random_tiny_model(vocab_size: int = 256) -> Model:
 
 
 def clear_engine_caches() -> None:
-    for fn in (loop._chunk_jit, loop._start_jit, loop._step_jit, loop._block_jit):
-        fn.clear_cache()
+    for tiers in (loop._chunk_tiers, loop._step_tiers, loop._block_tiers):
+        tiers.clear_cache()
+    loop._start_jit.clear_cache()
 
 
 def test_new_prompt_lengths_and_max_new_tokens_trigger_no_compilation():

@@ -15,6 +15,8 @@ plain, patched, fused and gated generation:
 They are compiled once per model, params layout, batch bucket, cache rung and intervention structure
 (:mod:`mtijax.engine.ladder`); the prompt length and ``max_new_tokens`` change no compiled shape. A new
 signature's decode step compiles on a background thread while its prefill compiles (:func:`compile_step_ahead`).
+On accelerators the prefill chunk and the decode program are built twice (:mod:`mtijax.engine.tiers`): a quick
+build without XLA's autotuner serves the first calls, the tuned build every call after it exists.
 Steps are dispatched from Python; on accelerators a resident run dispatches them ``decode_block_size()`` at a time
 as one program (:func:`decode_block`), and yields their records call by call. A source of params that is not
 resident (``mtijax.streaming``) passes its own :class:`LayerStack` to :func:`run`: it computes the prefill chunks
@@ -29,7 +31,6 @@ axis.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import os
 import warnings
@@ -44,6 +45,7 @@ from mtijax.engine.compilation_cache import enable_compilation_cache
 from mtijax.engine.interventions import Interventions, chunk_patches, pad_batch
 from mtijax.engine.request import Request
 from mtijax.engine.sampling import Policy
+from mtijax.engine.tiers import Compiling, Tiers, signature, tiered_compile
 from mtijax.errors import MtijaxError
 from mtijax.interventions import RouterHook
 from mtijax.models import cache as kv
@@ -266,10 +268,11 @@ def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Par
     return new, Record(flags, choice.record, trace, logits if record_logits else None)
 
 
-_chunk_jit = jax.jit(prefill_chunk, static_argnums=(0, 1), donate_argnums=(3,))
+_chunk_tiers = Tiers(prefill_chunk, static_argnums=(0, 1), donate_argnums=(3,))
+_step_tiers = Tiers(decode_step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+_block_tiers = Tiers(decode_block, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
+_chunk_jit, _step_jit, _block_jit = _chunk_tiers.tuned, _step_tiers.tuned, _block_tiers.tuned
 _start_jit = jax.jit(start, static_argnums=(0,))
-_step_jit = jax.jit(decode_step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-_block_jit = jax.jit(decode_block, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
 
 
 def decode_block_size() -> int:
@@ -302,7 +305,11 @@ class LayerStack(Protocol):
 
 
 class Resident(NamedTuple):
-    """The default :class:`LayerStack`: ``params`` on the device, through the jitted prefill chunk and decode step."""
+    """The default :class:`LayerStack`: ``params`` on the device, through the jitted prefill chunk and decode step.
+
+    ``prefill`` and ``decode``: the builds of this run's prefill chunk and decode program
+    (:class:`~mtijax.engine.tiers.Compiling`); each call runs the build :meth:`~Compiling.program` names, so a
+    run moves to the tuned build as soon as it exists. ``None``: the tuned jit, compiled at its first call."""
 
     config: ModelConfig
     layout: str
@@ -311,10 +318,13 @@ class Resident(NamedTuple):
     step_fn: Callable | None = None
     step_params: Params | None = None
     block: int = 1
+    prefill: Compiling | None = None
+    decode: Compiling | None = None
 
     def prefill_chunk(self, cache, carry, router_state, tokens, positions, start, interventions):
-        return (self.chunk_fn or _chunk_jit)(self.config, self.layout, self.params, cache, carry, router_state,
-                                             tokens, positions, start, interventions)
+        chunk = self.chunk_fn or (self.prefill.program() if self.prefill else _chunk_jit)
+        return chunk(self.config, self.layout, self.params, cache, carry, router_state, tokens, positions, start,
+                     interventions)
 
     @property
     def decode_params(self) -> Params:
@@ -322,33 +332,38 @@ class Resident(NamedTuple):
         return self.params if self.step_params is None else self.step_params
 
     def decode_step(self, policy, record_logits, state, interventions, stops, suppress):
-        return (self.step_fn or _step_jit)(self.config, self.layout, policy, record_logits, self.decode_params, state,
-                                           interventions, stops, suppress)
+        step = self.step_fn or (self.decode.program() if self.decode else _step_jit)
+        return step(self.config, self.layout, policy, record_logits, self.decode_params, state, interventions, stops,
+                    suppress)
 
     def decode_block(self, policy, record_logits, state, interventions, stops, suppress, calls):
         """``self.block`` decode calls in one dispatch (:func:`decode_block`), the first ``calls`` of them counted."""
-        return _block_jit(self.config, self.layout, policy, record_logits, self.block, self.decode_params, state,
-                          interventions, stops, suppress, calls)
+        block = self.decode.program() if self.decode else _block_jit
+        return block(self.config, self.layout, policy, record_logits, self.block, self.decode_params, state,
+                     interventions, stops, suppress, calls)
 
-    def lower_decode(self, policy, record_logits, state, interventions, stops, suppress) -> Any:
-        """The decode program :func:`run` will call (the block where ``self.block > 1``, else the step), lowered
-        for these arguments (``state`` may be abstract)."""
+    def lower_decode(self, jit: Callable, policy, record_logits, state, interventions, stops, suppress) -> Any:
+        """The decode program :func:`run` will call (the block where ``self.block > 1``, else the step) of the
+        tier ``jit`` (one of :data:`decode_tiers`'s jits), lowered for these arguments (``state`` may be
+        abstract)."""
         if self.block > 1:
-            return _block_jit.lower(self.config, self.layout, policy, record_logits, self.block, self.decode_params,
-                                    state, interventions, stops, suppress, jnp.int32(self.block))
-        return (self.step_fn or _step_jit).lower(self.config, self.layout, policy, record_logits, self.decode_params,
-                                                 state, interventions, stops, suppress)
+            return jit.lower(self.config, self.layout, policy, record_logits, self.block, self.decode_params, state,
+                             interventions, stops, suppress, jnp.int32(self.block))
+        return jit.lower(self.config, self.layout, policy, record_logits, self.decode_params, state, interventions,
+                         stops, suppress)
 
-
-_compiler = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtijax-compile-ahead")
-_compiled_ahead: set[tuple] = set()
+    @property
+    def decode_tiers(self) -> Tiers:
+        """The jits of the decode program :func:`run` calls: the block's where ``self.block > 1``, else the step's."""
+        return _block_tiers if self.block > 1 else _step_tiers
 
 
 def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, start_args: tuple, stops: jax.Array,
-                       suppress: jax.Array | None) -> concurrent.futures.Future | None:
-    """Compile ``stack``'s decode program in a background thread, so that it compiles while the small programs
-    before the prefill (the split layers, the empty cache, the row keys) and the prefill compile and run (all XLA
-    work that releases the GIL); ``None`` if this process already did for this signature.
+                       suppress: jax.Array | None) -> Compiling | None:
+    """Build ``stack``'s decode program on a background thread (:meth:`Tiers.start`: the quick build, then the
+    tuned one, where tiered), so that it compiles while the small programs before the prefill (the split layers,
+    the empty cache, the row keys) and the prefill compile and run (all XLA work that releases the GIL). A
+    signature this process has started before returns its earlier builds.
 
     ``start_args`` are :func:`start`'s arguments after ``config`` (the cache before the prefill: the prefill keeps
     its shapes); the cache and the keys, like ``stack.step_params``, may be abstract (``jax.ShapeDtypeStruct``),
@@ -356,32 +371,42 @@ def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, sta
     :func:`start` will return. Its leaves, and abstract step params, are committed to the device exactly when one of
     the concrete arguments or params is (a jit's outputs are committed when any input is), as the real ones will
     be, so the call finds the compiled program in jit's caches instead of compiling again
-    (``tests/test_generation.py`` counts the compiles). ``MTIJAX_COMPILE_AHEAD=0`` switches it off: the program
-    then compiles at its first call, after the prefill."""
+    (``tests/test_generation.py`` counts the compiles). ``MTIJAX_COMPILE_AHEAD=0`` switches it off (``None``):
+    the tuned program then compiles at its first call, after the prefill."""
     if os.environ.get("MTIJAX_COMPILE_AHEAD", "1") == "0":
         return None
     args = (stack.decode_params, start_args, stops, suppress)
-    leaves, treedef = jax.tree.flatten(args)
-    committed = [leaf for leaf in leaves + jax.tree.leaves(stack.params) if getattr(leaf, "committed", False)]
+    committed = [leaf for leaf in jax.tree.leaves((args, stack.params)) if getattr(leaf, "committed", False)]
     device = tuple(committed[0].sharding.device_set) if committed else ()
-    signature = (stack.config, stack.layout, policy, record_logits, stack.block, treedef, device,
-                 tuple((tuple(leaf.shape) if isinstance(leaf, jax.ShapeDtypeStruct) else np.shape(leaf),
-                        str(getattr(leaf, "dtype", type(leaf))), getattr(leaf, "weak_type", False))
-                       for leaf in leaves))
-    if signature in _compiled_ahead or len(device) > 1:
+    if len(device) > 1:
         return None
-    _compiled_ahead.add(signature)
+    key = (signature((stack.config, stack.layout, policy, record_logits, stack.block), args), device)
     sharding = jax.sharding.SingleDeviceSharding(device[0]) if device else None
 
     def placed(a: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type, sharding=sharding)
 
-    state = jax.tree.map(placed, jax.eval_shape(functools.partial(start, stack.config), *start_args))
-    if stack.step_params is not None:
-        stack = stack._replace(step_params=jax.tree.map(
-            lambda a: placed(a) if isinstance(a, jax.ShapeDtypeStruct) else a, stack.step_params))
-    return _compiler.submit(
-        lambda: stack.lower_decode(policy, record_logits, state, start_args[-1], stops, suppress).compile())
+    def lower(jit: Callable) -> Any:
+        state = jax.tree.map(placed, jax.eval_shape(functools.partial(start, stack.config), *start_args))
+        abstract = stack
+        if stack.step_params is not None:
+            abstract = stack._replace(step_params=jax.tree.map(
+                lambda a: placed(a) if isinstance(a, jax.ShapeDtypeStruct) else a, stack.step_params))
+        return abstract.lower_decode(jit, policy, record_logits, state, start_args[-1], stops, suppress)
+
+    return stack.decode_tiers.start(key, lower)
+
+
+def compile_prefill(stack: Resident, chunk_args: tuple) -> Compiling | None:
+    """The builds of ``stack``'s prefill chunk for :func:`prefill_chunk`'s arguments after ``params``
+    (``chunk_args``), started where compiles are tiered and the stack calls the engine's chunk (``None``
+    otherwise: the tuned jit compiles at its first call, on the caller's thread); waits for the first build."""
+    if stack.chunk_fn is not None or not tiered_compile():
+        return None
+    key = signature((stack.config, stack.layout), (stack.params, chunk_args))
+    compiling = _chunk_tiers.start(key, lambda jit: jit.lower(stack.config, stack.layout, stack.params, *chunk_args))
+    compiling.ready()
+    return compiling
 
 
 def row_keys(seed: int, rows: int) -> jax.Array:
@@ -401,8 +426,8 @@ _empty_cache = jax.jit(kv.init_cache, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 
 def compiled_counts() -> dict[str, int]:
     """How many programs each engine function has compiled in this process (for the no-recompile tests)."""
-    return {"prefill_chunk": _chunk_jit._cache_size(), "start": _start_jit._cache_size(),
-            "decode_step": _step_jit._cache_size(), "decode_block": _block_jit._cache_size()}
+    return {"prefill_chunk": _chunk_tiers.cache_size(), "start": _start_jit._cache_size(),
+            "decode_step": _step_tiers.cache_size(), "decode_block": _block_tiers.cache_size()}
 
 
 def _sweep_size(sweep_axes: Any, interventions: Interventions) -> int:
@@ -522,13 +547,18 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
         cache = jax.tree.map(lambda x: jnp.repeat(x[None], size, axis=0), cache)
     keys = row_keys(seed, rows) if keys is None else keys
     tokens, positions = jnp.asarray(request.tokens), jnp.asarray(request.positions)
+    if resident and request.width:
+        stack = stack._replace(prefill=compile_prefill(stack, (
+            cache, carry, router_state, tokens[:, :request.chunk], positions[:, :request.chunk], jnp.int32(0),
+            interventions)))
     for begin in range(0, request.width, request.chunk):
         cache, carry, router_state = stack.prefill_chunk(
             cache, carry, router_state, tokens[:, begin:begin + request.chunk],
             positions[:, begin:begin + request.chunk], jnp.int32(begin), interventions)
     state = start_fn(config, cache, carry, router_state, *rest, keys, interventions)
     if ahead is not None:
-        ahead.result()  # the step is compiled (or its compile error is raised here)
+        ahead.ready()  # a build of the step exists (or its compile error is raised here)
+        stack = stack._replace(decode=ahead)
     if isinstance(stack, Resident) and stack.block > 1:
         yield from _blocks(stack, request.max_new_tokens, policy, record_logits, state, interventions, stops,
                            suppress)
