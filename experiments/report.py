@@ -753,15 +753,17 @@ def compile_first_process_h200(results: dict) -> str:
     for r in results["runs"]:
         rate = r.get("decode_tok_s") or {}
         span = lambda key: "-" if r[key] is None else f"{r[key][1]:.1f} s"
-        rows.append([r["device_call"], "first" if r["first_process_on_the_machine"] else "later",
+        tuned = "-" if r["tuned_built_s"] is None else f"{r['tuned_built_s']:.1f} s"
+        rows.append([r["device_call"], r["code"], r["builds"], "first" if r["first_process_on_the_machine"] else "later",
                      f"`{r['xla_flags']}`" if r["xla_flags"] else "defaults", f"{r['cold_first_token_s']:.2f} s",
-                     span("prefill_chunk_compile_s"), span("decode_block_compile_s"),
+                     span("prefill_chunk_compile_s"), span("decode_block_compile_s"), tuned,
                      f"{r['second_process_first_token_s']:.2f} s",
                      *[num(rate[k]) if k in rate else "-" for k in ("gemma3-270m b1", "gemma3-270m b8",
                                                                      "gemma3-1b b1", "gemma3-1b b8")]])
     head = (f"{results['note']} `experiments/results/probe_compile_first_process_h200.json`.")
-    return "\n".join([head, "", markdown(["call", "process on its machine", "XLA flags", "cold first token",
-                                           "prefill compiled at", "decode compiled at", "second process",
+    return "\n".join([head, "", markdown(["call", "code", "builds", "process on its machine", "XLA flags",
+                                           "cold first token", "prefill compiled at", "decode compiled at",
+                                           "tuned built at", "second process",
                                            "270M b1 tok/s", "270M b8", "1B b1", "1B b8"], rows)])
 
 
