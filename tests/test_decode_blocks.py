@@ -160,3 +160,24 @@ def test_a_block_size_that_is_not_a_positive_integer_is_refused(model, monkeypat
     monkeypatch.setenv("MTIJAX_DECODE_BLOCK", value)
     with pytest.raises(MtijaxError, match="MTIJAX_DECODE_BLOCK must be a positive integer"):
         generate(model.config, model.params, [[3, 4]], 2)
+
+
+def test_an_unrolled_block_gives_the_tokens_of_one_call_per_dispatch(monkeypatch):
+    """``MTIJAX_DECODE_BLOCK_UNROLL=1``: the block's calls are one straight program instead of a loop; sampled
+    tokens, with a last block cut short, equal the call-by-call run's."""
+    m = random_tiny_model(vocab_size=280)  # a signature this process has not compiled, so the block is traced anew
+    prompts = random_prompts(12, [6, 9])
+    sampling = Sampling(temperature=1.2, top_k=25)
+    want = generate(m.config, m.params, prompts, 8, sampling=sampling, seed=2, stop_ids=())
+    in_blocks(monkeypatch, 3)
+    monkeypatch.setenv("MTIJAX_DECODE_BLOCK_UNROLL", "1")
+    got = generate(m.config, m.params, prompts, 8, sampling=sampling, seed=2, stop_ids=())
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+def test_a_block_unroll_that_is_not_0_or_1_is_refused(monkeypatch):
+    in_blocks(monkeypatch, 2)
+    monkeypatch.setenv("MTIJAX_DECODE_BLOCK_UNROLL", "yes")
+    m = random_tiny_model(vocab_size=281)
+    with pytest.raises(MtijaxError, match="MTIJAX_DECODE_BLOCK_UNROLL must be 0 or 1"):
+        generate(m.config, m.params, random_prompts(4, [4]), 2, stop_ids=())

@@ -243,7 +243,7 @@ def decode_block(config: ModelConfig, layout: str, policy: Policy, record_logits
         new = new._replace(done=jnp.where(live, new.done, state.done), count=jnp.where(live, new.count, state.count))
         return new, record._replace(flags=flags)
 
-    return jax.lax.scan(call, state, jnp.arange(size, dtype=jnp.int32))
+    return jax.lax.scan(call, state, jnp.arange(size, dtype=jnp.int32), unroll=block_unroll())
 
 
 def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Params, state: State, hidden: jax.Array,
@@ -273,6 +273,15 @@ _step_tiers = Tiers(decode_step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,
 _block_tiers = Tiers(decode_block, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
 _chunk_jit, _step_jit, _block_jit = _chunk_tiers.tuned, _step_tiers.tuned, _block_tiers.tuned
 _start_jit = jax.jit(start, static_argnums=(0,))
+
+
+def block_unroll() -> bool:
+    """Whether a decode block's loop over its calls is unrolled (one straight program of ``size`` steps) instead
+    of an XLA while loop: ``MTIJAX_DECODE_BLOCK_UNROLL=1``; rolled by default. Read when the block is traced."""
+    value = os.environ.get("MTIJAX_DECODE_BLOCK_UNROLL", "0")
+    if value not in ("0", "1"):
+        raise MtijaxError(f"MTIJAX_DECODE_BLOCK_UNROLL must be 0 or 1, not {value!r}")
+    return value == "1"
 
 
 def decode_block_size() -> int:
