@@ -45,7 +45,7 @@ from mtijax.engine.compilation_cache import enable_compilation_cache
 from mtijax.engine.interventions import Interventions, chunk_patches, pad_batch
 from mtijax.engine.request import Request
 from mtijax.engine.sampling import Policy
-from mtijax.engine.tiers import Compiling, Tiers, signature, tiered_compile
+from mtijax.engine.tiers import Compiling, Tiers, committed_devices, signature, tiered_compile
 from mtijax.errors import MtijaxError
 from mtijax.interventions import RouterHook
 from mtijax.models import cache as kv
@@ -385,8 +385,7 @@ def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, sta
     if os.environ.get("MTIJAX_COMPILE_AHEAD", "1") == "0":
         return None
     args = (stack.decode_params, start_args, stops, suppress)
-    committed = [leaf for leaf in jax.tree.leaves((args, stack.params)) if getattr(leaf, "committed", False)]
-    device = tuple(committed[0].sharding.device_set) if committed else ()
+    device = committed_devices((args, stack.params))
     if len(device) > 1:
         return None
     key = (signature((stack.config, stack.layout, policy, record_logits, stack.block), args), device)

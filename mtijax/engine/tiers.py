@@ -10,7 +10,7 @@ exists. Both builds take and return the same buffers, so a run moves from one to
 
 On by default on accelerators, off on the CPU (which has no autotuner: both builds would be the same program
 compiled twice); ``MTIJAX_TIERED_COMPILE=1`` or ``=0`` decides instead. Off, :meth:`Tiers.start` builds the
-tuned program alone, on the same thread. The builds' threads are not daemons, so a process that ends right
+tuned program alone, on the same background thread. The builds' threads are not daemons, so a process that ends right
 after its first call waits for its tuned builds before it exits; they land in the persistent compilation cache,
 and the next process starts with them. :func:`settle_compiles` waits for every build started so far.
 """
@@ -45,14 +45,19 @@ def tiered_compile() -> bool:
     return setting == "1"
 
 
+def committed_devices(tree: Any) -> tuple:
+    """The devices of the first leaf of ``tree`` committed to a device (``()`` if none is): where a jit called
+    with these leaves runs, and so where its outputs are committed."""
+    committed = next((leaf for leaf in jax.tree.leaves(tree) if getattr(leaf, "committed", False)), None)
+    return () if committed is None else tuple(committed.sharding.device_set)
+
+
 def signature(static: tuple, args: Any) -> tuple:
     """What decides which program a jit call runs, as a hashable key: the static arguments, the arguments' tree
     structure, and every leaf's shape, dtype and weak type (concrete or ``jax.ShapeDtypeStruct``), with the
     devices of the leaves committed to one (a jit's outputs are committed when any of its inputs is)."""
     leaves, treedef = jax.tree.flatten(args)
-    committed = [leaf for leaf in leaves if getattr(leaf, "committed", False)]
-    devices = tuple(committed[0].sharding.device_set) if committed else ()
-    return (static, treedef, devices,
+    return (static, treedef, committed_devices(leaves),
             tuple((tuple(leaf.shape) if isinstance(leaf, jax.ShapeDtypeStruct) else np.shape(leaf),
                    str(getattr(leaf, "dtype", type(leaf))), getattr(leaf, "weak_type", False)) for leaf in leaves))
 
@@ -85,11 +90,10 @@ class Tiers:
         self.quick = jax.jit(fn, compiler_options=QUICK_OPTIONS, **jit_arguments)
         self._by_key: dict[tuple, Compiling] = {}
 
-    def start(self, key: tuple, lower: Callable[[Callable], Any], *, background: bool = True) -> Compiling:
-        """Build the program ``lower(jit)`` lowers (``jit``: ``self.quick``, then ``self.tuned``), once per
-        ``key`` (:func:`signature`); a later ``start`` of the same key returns the same :class:`Compiling`.
-        Tiered, the builds run on a background thread; not tiered, the tuned build runs there only if
-        ``background``, else here, before ``start`` returns (raising its compile error)."""
+    def start(self, key: tuple, lower: Callable[[Callable], Any]) -> Compiling:
+        """Build the program ``lower(jit)`` lowers (``jit``: ``self.quick``, then ``self.tuned``; not tiered, the
+        tuned one alone) on a background thread, once per ``key`` (:func:`signature`); a later ``start`` of the
+        same key returns the same :class:`Compiling`."""
         tiered = tiered_compile()
         with _lock:
             if (key, tiered) in self._by_key:
@@ -111,11 +115,7 @@ class Tiers:
                     return
                 future.set_result(None)
 
-        if compiling.quick is None and not background:
-            build()
-            compiling.ready()
-        else:
-            _pool.submit(build)
+        _pool.submit(build)
         return compiling
 
     def clear_cache(self) -> None:
