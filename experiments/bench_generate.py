@@ -623,7 +623,7 @@ def main() -> None:
                      "decode_block_variants": block_variants,
                      "env": {k: os.environ.get(k) for k in ("MTIJAX_CACHE", "MTIJAX_COMPILATION_CACHE",
                                                             "MTIJAX_DECODE_BLOCK", "MTIJAX_DECODE_BLOCK_UNROLL",
-                                                            "MTIJAX_TIERED_COMPILE", "MTIJAX_PALLAS",
+                                                            "MTIJAX_TIERED_COMPILE", "MTIJAX_PALLAS", "MTIJAX_ATTENTION",
                                                             "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS")}},
         "copy_bandwidth_GBps": bandwidth / 1e9, "matmul_TFLOPS": flops / 1e12,
         "rows": [], "skipped": [], "elapsed_s": 0.0, "finished": False,

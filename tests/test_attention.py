@@ -2,16 +2,18 @@
 
 The segments' softmax is joined without joining their scores, so these tests hold it against a plain
 numpy softmax over the concatenated keys: the same values, the same gradients, and the same answer for a
-query that can see nothing (padding) as for one that sees every key.
+query that can see nothing (padding) as for one that sees every key. Both of attention's forms (matrix products,
+or products summed in one fused reduction: the decode step's default) are held to the same reference.
 """
 
 from __future__ import annotations
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
-from mtijax.models.layers import NO_WINDOW, attention
+from mtijax.models.layers import NO_WINDOW, REDUCE_MAX_QUERIES, attention, attention_form
 
 B, S, N, K, H = 2, 3, 4, 2, 8
 
@@ -42,7 +44,9 @@ def setup(seed: int = 0):
     return q, new_pos, (k_cache, v_cache, cache_pos), (k_new, v_new, new_pos)
 
 
-def test_two_segments_equal_softmax_attention_over_their_concatenated_keys():
+@pytest.mark.parametrize("form", ["matmul", "reduce"])
+def test_two_segments_equal_softmax_attention_over_their_concatenated_keys(form, monkeypatch):
+    monkeypatch.setenv("MTIJAX_ATTENTION", form)
     q, q_pos, cache, new = setup()
     for window in (NO_WINDOW, 3):
         got = attention(jnp.asarray(q), jnp.asarray(q_pos), [tuple(map(jnp.asarray, cache)),
@@ -71,3 +75,17 @@ def test_splitting_the_keys_into_segments_changes_neither_values_nor_gradients()
     np.testing.assert_allclose(dq_split, dq_one, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.concatenate(dk_split, axis=1), dk_one[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.concatenate(dv_split, axis=1), dv_one[0], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_steps_take_the_reduced_form_and_prefill_chunks_the_matrix_form(monkeypatch):
+    monkeypatch.delenv("MTIJAX_ATTENTION", raising=False)
+    assert attention_form(1) == attention_form(REDUCE_MAX_QUERIES) == "reduce"
+    assert attention_form(REDUCE_MAX_QUERIES + 1) == attention_form(256 * 4) == "matmul"
+    monkeypatch.setenv("MTIJAX_ATTENTION", "matmul")
+    assert attention_form(1) == "matmul"
+
+
+def test_an_unknown_attention_form_is_refused(monkeypatch):
+    monkeypatch.setenv("MTIJAX_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="MTIJAX_ATTENTION must be one of matmul, reduce, got 'flash'"):
+        attention_form(1)

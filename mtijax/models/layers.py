@@ -7,6 +7,7 @@ K = key/value heads, G = N // K, H = head_dim, D = hidden size.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence
 
 import jax
@@ -84,6 +85,48 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array) -> jax
     return (k >= 0) & (k <= q) & (q - k < window)
 
 
+ATTENTION_FORMS = ("matmul", "reduce")
+"""How :func:`attention` computes its scores and weighted values: ``"matmul"``, as batched matrix products over
+``(B, K)``; ``"reduce"``, as elementwise products summed over the contracted axis, which XLA fuses into one
+kernel that reads the keys and values in the cache's ``[B, T, K, H]`` layout (a batched product over ``(B, K)``
+wants ``K`` beside ``B``, and on GPUs XLA may copy each key and value segment into that layout first)."""
+
+
+REDUCE_MAX_QUERIES = 8
+"""The most queries per key/value head (S * G) that the ``"reduce"`` form takes: a decode step's, not a prefill
+chunk's (whose products are matrix products worth a matrix kernel)."""
+
+
+def attention_form(queries_per_kv_head: int) -> str:
+    """The form of :data:`ATTENTION_FORMS` for ``queries_per_kv_head`` (S * G) queries: ``"reduce"``
+    where at most :data:`REDUCE_MAX_QUERIES` queries share each key (a decode step), else ``"matmul"``;
+    ``MTIJAX_ATTENTION=matmul`` keeps the matrix form everywhere (to measure against).
+
+    Chosen on an H200, where the matrix form copied Gemma 3 12B's global keys and values into ``[B, K, T, H]`` at
+    every batch-8 step (``experiments/results/attention_forms_h200.json`` and the README's Performance section)."""
+    setting = os.environ.get("MTIJAX_ATTENTION", "")
+    if setting and setting not in ATTENTION_FORMS:
+        raise ValueError(f"MTIJAX_ATTENTION must be one of {', '.join(ATTENTION_FORMS)}, got {setting!r}")
+    return "reduce" if setting != "matmul" and queries_per_kv_head <= REDUCE_MAX_QUERIES else "matmul"
+
+
+def _scores(qg: jax.Array, k: jax.Array, form: str) -> jax.Array:
+    """``qg [B, S, K, G, H]`` against ``k [B, T, K, H]``: ``[B, K, G, S, T]`` in float32."""
+    if form == "matmul":
+        return jnp.einsum("bskgh,btkh->bkgst", qg, k, preferred_element_type=jnp.float32)
+    queries = qg.astype(jnp.float32).transpose(0, 2, 3, 1, 4)[:, :, :, :, None, :]
+    keys = k.astype(jnp.float32).transpose(0, 2, 1, 3)[:, :, None, None, :, :]
+    return jnp.sum(queries * keys, axis=-1)
+
+
+def _weighted(w: jax.Array, v: jax.Array, form: str) -> jax.Array:
+    """``w [B, K, G, S, T]`` (in ``v``'s dtype) times ``v [B, T, K, H]``: ``[B, K, G, S, H]`` in float32."""
+    if form == "matmul":
+        return jnp.einsum("bkgst,btkh->bkgsh", w, v, preferred_element_type=jnp.float32)
+    values = v.astype(jnp.float32).transpose(0, 2, 1, 3)[:, :, None, None, :, :]
+    return jnp.sum(w.astype(jnp.float32)[..., None] * values, axis=-2)
+
+
 def attention(q: jax.Array, q_pos: jax.Array, segments: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
               window: jax.Array, scale: float, softcap: float | None = None) -> jax.Array:
     """Grouped-query attention over one or more key/value segments with one softmax.
@@ -106,9 +149,10 @@ def attention(q: jax.Array, q_pos: jax.Array, segments: Sequence[tuple[jax.Array
     b, s, n, h = q.shape
     kv_heads = segments[0][0].shape[2]
     qg = q.reshape(b, s, kv_heads, n // kv_heads, h)
+    form = attention_form(s * (n // kv_heads))
     scores = []
     for k, _, k_pos in segments:
-        score = jnp.einsum("bskgh,btkh->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+        score = _scores(qg, k, form) * scale
         if softcap is not None:
             score = jnp.tanh(score / softcap) * softcap
         visible = attention_mask(q_pos, k_pos, window)[:, None, None, :, :]
@@ -116,9 +160,7 @@ def attention(q: jax.Array, q_pos: jax.Array, segments: Sequence[tuple[jax.Array
     top = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in scores]))
     weights = [jnp.exp(x - top) for x in scores]
     total = functools.reduce(jnp.add, [jnp.sum(w, axis=-1, keepdims=True) for w in weights])
-    out = functools.reduce(jnp.add, [jnp.einsum("bkgst,btkh->bkgsh", w.astype(v.dtype), v,
-                                                preferred_element_type=jnp.float32)
-                                     for w, (_, v, _) in zip(weights, segments)])
+    out = functools.reduce(jnp.add, [_weighted(w.astype(v.dtype), v, form) for w, (_, v, _) in zip(weights, segments)])
     out = out / total
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h).astype(segments[-1][1].dtype)
 
