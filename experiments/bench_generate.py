@@ -604,6 +604,9 @@ def main() -> None:
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     itemsize = jnp.dtype(dtype).itemsize
     peers = [p for p in args.peers.split(",") if p]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        raise SystemExit(f"bench_generate: unknown peer {', '.join(map(repr, unknown))}; the peers are {', '.join(PEERS)}")
     block_variants = [int(n) for n in args.decode_block_variants.split(",") if n]
     inductor_dir = None
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:

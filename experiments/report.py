@@ -783,6 +783,40 @@ def step_profile_1b_h200(results: dict) -> str:
                                            "kernels", "bound"], rows)])
 
 
+@table("prefill_profile_h200", "probe_prefill_profile_h200.json")
+def prefill_profile_h200(results: dict) -> str:
+    """A 2k-token prefill under the profiler, per model and chunk size, with its untraced time."""
+    rows = []
+    for model, variants in results["models"].items():
+        base, _, flags = model.partition("_")
+        for name, v in variants.items():
+            copies = sum(t["us"] for t in v["top"] if t["name"].startswith("loop_dynamic_slice_fusion")) / 1e3
+            rows.append([MODEL_NAMES.get(base, base), name.replace("prefill_2k_", "").replace("_", " "),
+                         "WHILE command buffers" if flags else "defaults", f"{v['untraced_ms']:.1f} ms",
+                         f"{v['wall_ms']:.1f} ms", f"{v['busy_ms']:.1f} ms", num(v["kernels"]), f"{copies:.1f} ms"])
+    head = (f"{results['note']} Traced: the call's wall time under the profiler; GPU time: the kernels' summed durations; "
+            "weight copies: the `loop_dynamic_slice_fusion` kernels among the call's 20 longest.")
+    return "\n".join([head, "", markdown(["model", "chunk", "XLA flags", "untraced", "traced", "GPU time", "kernels",
+                                           "weight copies"], rows)])
+
+
+@table("attention_forms_h200", "attention_forms_h200.json")
+def attention_forms_h200(results: dict) -> str:
+    """Decode tok/s with attention's matrix and reduced forms, one process each, in the same device call."""
+    rows = []
+    by = {}
+    for key, run in results["runs"].items():
+        model, form = key.split("/")
+        for row in run["rows"]:
+            by.setdefault((model, row["batch"]), {})[form] = row["mtijax"]["decode_tok_s"]
+    for (model, batch), forms in sorted(by.items()):
+        matmul, reduce = forms.get("matmul"), forms.get("reduce")
+        rows.append([MODEL_NAMES.get(model, model), batch, num(matmul) if matmul else "-", num(reduce) if reduce else "-",
+                     f"{reduce / matmul:.2f}x" if matmul and reduce else "-"])
+    head = f"{results['note']} Measured on NVIDIA H200. `experiments/results/attention_forms_h200.json`."
+    return "\n".join([head, "", markdown(["model", "batch", "matrix form", "reduced form", "reduced / matrix"], rows)])
+
+
 @table("rolling_decode_h200", "probe_rolling_decode_270m_h200.json")
 def rolling_decode_h200(results: dict) -> str:
     """The rolling KV cache against the full layout at long contexts: prefill, decode step and cache bytes."""
