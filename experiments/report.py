@@ -696,14 +696,16 @@ def bench_generate_targets_h200(results: dict) -> str:
     for (model, kind, batch, name), (number, t) in sorted(latest.items()):
         shown = pct(t["measured"]) if name == "fraction_of_bound" else f"{t['measured']:.2f}x"
         wanted = pct(t["target"]) if name == "fraction_of_bound" else f"{t['target']:.1f}x"
+        limit = results.get("limits", {}).get(f"{model}/{kind}/{batch}/{name}", "-" if t["met"] else "not measured")
         rows.append([MODEL_NAMES.get(model, model), kind, batch, number, names[name], wanted, shown,
-                     "met" if t["met"] else "missed"])
+                     "met" if t["met"] else "missed", "" if t["met"] else limit])
     head = ("The H200 targets of each measured row, each from the latest run that measured its figure in the table "
             "above (`targets` in `experiments/results/bench_generate_h200.json`; decode: a fraction of the bound at "
             "batch 1 and 8 and a ratio to the strongest peer at batch 1; prefill: a ratio to the strongest peer). "
-            "The long rows of the 1B and 12B were not reached, and have no line.")
-    return "\n".join([head, "", markdown(["model", "row", "batch", "run", "target", "at least", "measured", "result"],
-                                          rows)])
+            "The long rows of the 1B and 12B were not reached, and have no line. What limits a missed target: "
+            "`limits` in the same JSON, measured.")
+    return "\n".join([head, "", markdown(["model", "row", "batch", "run", "target", "at least", "measured", "result",
+                                           "what limits it"], rows)])
 
 
 @table("decode_blocks_h200", "decode_blocks_h200.json")
