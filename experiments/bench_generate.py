@@ -625,7 +625,7 @@ def main() -> None:
                      "budget_s": args.budget_s, "torchinductor_cache": "fresh" if inductor_dir else "given",
                      "decode_block_variants": block_variants,
                      "env": {k: os.environ.get(k) for k in ("MTIJAX_CACHE", "MTIJAX_COMPILATION_CACHE",
-                                                            "MTIJAX_DECODE_BLOCK", "MTIJAX_DECODE_BLOCK_UNROLL",
+                                                            "MTIJAX_DECODE_BLOCK",
                                                             "MTIJAX_TIERED_COMPILE", "MTIJAX_PALLAS", "MTIJAX_ATTENTION",
                                                             "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS")}},
         "copy_bandwidth_GBps": bandwidth / 1e9, "matmul_TFLOPS": flops / 1e12,

@@ -227,23 +227,23 @@ def decode_step(config: ModelConfig, layout: str, policy: Policy, record_logits:
 def decode_block(config: ModelConfig, layout: str, policy: Policy, record_logits: bool, size: int, params: Params,
                  state: State, interventions: Interventions, stops: jax.Array, suppress: jax.Array | None,
                  calls: jax.Array) -> tuple[State, Record]:
-    """``size`` decode calls in one program (a ``lax.scan`` of :func:`decode_step`, so one dispatch from the host):
-    the state after them and their records stacked on a leading ``[size]`` axis (``flags [size, 4, B]``, ...).
+    """Up to ``size`` decode calls in one program (an XLA while loop over :func:`decode_step`, so one dispatch
+    from the host): the state after the first ``calls`` of them, and their records stacked on a leading
+    ``[size]`` axis (``flags [size, 4, B]``, ...).
 
-    Only the first ``calls`` of them count: the later ones (the last block of a run whose ``max_new_tokens`` is
-    not a multiple of ``size``) emit nothing and leave ``done`` and ``count`` as they were. They still write the
-    cache and advance the other state (it is not used after the run's last call), and their records are not read
-    (:func:`run` yields the first ``calls``)."""
-    def call(state: State, index: jax.Array) -> tuple[State, Record]:
-        new, record = decode_step(config, layout, policy, record_logits, params, state, interventions, stops,
-                                  suppress)
-        live = index < calls
-        emit = record.flags[1] * live.astype(jnp.int32)
-        flags = record.flags.at[0].set(jnp.where(live, record.flags[0], config.pad_token_id)).at[1].set(emit)
-        new = new._replace(done=jnp.where(live, new.done, state.done), count=jnp.where(live, new.count, state.count))
-        return new, record._replace(flags=flags)
+    Only the first ``calls`` run (the last block of a run whose ``max_new_tokens`` is not a multiple of ``size``
+    runs fewer, and a one-token request one): the records past them are zeros and are not read (:func:`run`
+    yields the first ``calls``)."""
+    one = functools.partial(decode_step, config, layout, policy, record_logits, params)
+    shapes = jax.eval_shape(one, state, interventions, stops, suppress)[1]
+    records = jax.tree.map(lambda a: jnp.zeros((size, *a.shape), a.dtype), shapes)
 
-    return jax.lax.scan(call, state, jnp.arange(size, dtype=jnp.int32), unroll=block_unroll())
+    def call(index: jax.Array, carried: tuple[State, Record]) -> tuple[State, Record]:
+        state, records = carried
+        new, record = one(state, interventions, stops, suppress)
+        return new, jax.tree.map(lambda stack, a: stack.at[index].set(a), records, record)
+
+    return jax.lax.fori_loop(0, jnp.minimum(calls, size), call, (state, records))
 
 
 def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Params, state: State, hidden: jax.Array,
@@ -273,15 +273,6 @@ _step_tiers = Tiers(decode_step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,
 _block_tiers = Tiers(decode_block, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
 _chunk_jit, _step_jit, _block_jit = _chunk_tiers.tuned, _step_tiers.tuned, _block_tiers.tuned
 _start_jit = jax.jit(start, static_argnums=(0,))
-
-
-def block_unroll() -> bool:
-    """Whether a decode block's loop over its calls is unrolled (one straight program of ``size`` steps) instead
-    of an XLA while loop: ``MTIJAX_DECODE_BLOCK_UNROLL=1``; rolled by default. Read when the block is traced."""
-    value = os.environ.get("MTIJAX_DECODE_BLOCK_UNROLL", "0")
-    if value not in ("0", "1"):
-        raise MtijaxError(f"MTIJAX_DECODE_BLOCK_UNROLL must be 0 or 1, not {value!r}")
-    return value == "1"
 
 
 def decode_block_size() -> int:
@@ -346,7 +337,7 @@ class Resident(NamedTuple):
                     suppress)
 
     def decode_block(self, policy, record_logits, state, interventions, stops, suppress, calls):
-        """``self.block`` decode calls in one dispatch (:func:`decode_block`), the first ``calls`` of them counted."""
+        """The first ``calls`` of ``self.block`` decode calls, in one dispatch (:func:`decode_block`)."""
         block = self.decode.program() if self.decode else _block_jit
         return block(self.config, self.layout, policy, record_logits, self.block, self.decode_params, state,
                      interventions, stops, suppress, calls)
