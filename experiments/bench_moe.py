@@ -47,7 +47,7 @@ def main() -> None:
     layer = jax.tree.map(lambda a: a[0], params["layers"])
     spec = jax.tree.map(lambda a: jnp.asarray(a[0]), mtijax.family(config).layer_spec(config))
     rows = []
-    dispatches = ("dense", "grouped", "gathered", "in_place")
+    dispatches = ("dense", "grouped", "tiled", "gathered", "in_place")
     print(f"{'tokens':>7}" + "".join(f"{name + ' ms':>13}" for name in dispatches) + f"{'chosen':>10}")
     for tokens in (int(t) for t in args.tokens.split(",")):
         x = jax.random.normal(jax.random.key(1), (1, tokens, config.hidden_size), jnp.bfloat16)

@@ -1,4 +1,4 @@
-"""GPU-only: OLMoE's in-place expert kernels compiled through Triton compute what the gathered dispatch computes.
+"""GPU-only: OLMoE's expert kernels compiled through Triton compute what the gathered and dense dispatches compute.
 
 The CPU suite runs the same kernels interpreted (``tests/test_olmoe.py``); here they run as the GPU runs them, and
 these tests are skipped on every other backend. Everything is float32 with full-precision XLA matmuls (GPUs
@@ -49,6 +49,21 @@ def test_the_compiled_kernels_equal_the_gathered_dispatch(params, tokens):
     experts, weights = olmoe.route(CONFIG, x @ moe["router"])
     want = jax.jit(olmoe.experts_gathered)(moe, x, experts, weights)
     got = jax.jit(lambda *a: kernels.experts_gathered_in_place(*a, interpret=False))(moe, x, experts, weights)
+    scale = float(jnp.max(jnp.abs(want)))
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [8, 45, 300])
+def test_the_compiled_tiled_product_equals_the_dense_dispatch(params, tokens):
+    """The many-token dispatch: 16 to 600 pairs over 16 experts, so some experts' groups span several tiles and
+    others are empty."""
+    assert olmoe.choose_dispatch(CONFIG, tokens) == "tiled"
+    moe = jax.tree.map(lambda a: a[0], params["layers"]["moe"])
+    x = jax.random.normal(jax.random.key(tokens), (tokens, CONFIG.hidden_size), jnp.float32)
+    experts, weights = olmoe.route(CONFIG, x @ moe["router"])
+    want = jax.jit(olmoe.experts_dense)(moe, x, experts, weights)
+    got = jax.jit(lambda *a: kernels.experts_tiled(*a, interpret=False))(moe, x, experts, weights)
     scale = float(jnp.max(jnp.abs(want)))
     assert scale > 0
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * scale, rtol=0)

@@ -202,11 +202,12 @@ def uses_ragged_dot(fn, *args) -> bool:
     return "ragged_dot" in str(jax.make_jaxpr(fn)(*args))
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "gathered", "in_place"])
+@pytest.mark.parametrize("dispatch", ["grouped", "gathered", "in_place", "tiled"])
 @pytest.mark.parametrize("batch", ["varied", "one_token_repeated"])
 def test_every_dispatch_agrees_with_dense(tiny_olmoe, batch, dispatch):
     """Running every expert on every token, each expert on its own tokens, each token on its gathered experts and
-    each token on its experts read in place (the Pallas kernels, interpreted on the CPU) give the same layer.
+    each token on its experts read in place and each expert's tiles of tokens as one grouped product (the Pallas
+    kernels, interpreted on the CPU) give the same layer.
 
     Repeating one token makes every position route to the same k experts, so
     the other experts get no tokens at all (empty groups for ``ragged_dot``).
@@ -253,6 +254,23 @@ def test_the_in_place_kernels_read_each_pairs_own_expert():
     np.testing.assert_allclose(np.asarray(out), np.einsum("pf,pfd->pd", np.asarray(h), down[chosen]), rtol=1e-4,
                                atol=1e-2)
     assert kernels.fits(2048, 1024) and not kernels.fits(2048, 1000)
+
+
+def test_the_tiled_layout_gives_every_tile_one_experts_pairs():
+    """130 pairs over 5 experts (one of them unused): each pair gets its own row, a tile's rows hold pairs of the
+    tile's expert only, each expert's group starts on a tile boundary, and the tiles in use are those the groups
+    fill (3 + 1 + 1 + 1 tiles of 64 rows here)."""
+    from mtijax.models.olmoe import kernels
+
+    experts = np.repeat([3, 0, 4, 1], [140, 10, 1, 5])[np.random.default_rng(2).permutation(156)][:130]
+    row, tile_expert, used, rows = kernels.tile_layout(jnp.asarray(experts, jnp.int32), 5)
+    row, tile_expert = np.asarray(row), np.asarray(tile_expert)
+    assert len(set(row.tolist())) == 130 and rows % kernels.TILE_ROWS == 0 and row.max() < rows
+    sizes = np.bincount(experts, minlength=5)
+    assert int(used[0]) == sum(-(-n // kernels.TILE_ROWS) for n in sizes)
+    np.testing.assert_array_equal(tile_expert[row // kernels.TILE_ROWS], experts)
+    for e in np.flatnonzero(sizes):
+        assert row[experts == e].min() % kernels.TILE_ROWS == 0
 
 
 @pytest.mark.parametrize("dispatch", sorted(olmoe.DISPATCHES))

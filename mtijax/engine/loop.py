@@ -144,6 +144,23 @@ def prefill_chunk(config: ModelConfig, layout: str, params: Params, cache: kv.KV
     return out.cache, {layer: outputs[layer][0] for layer in carry}, out.router_state
 
 
+def prefill_first(config: ModelConfig, layout: str, params: Params, cache: kv.KVCache, carry: dict[int, Any],
+                  router_state: Any, tokens: jax.Array, positions: jax.Array,
+                  interventions: Interventions) -> tuple[kv.KVCache, dict[int, Any], Any]:
+    """What :func:`prefill_chunk` computes for the first ``C`` slots of an empty cache (``start`` 0): the tokens
+    attend to each other only, and their keys and values are written into the cache afterwards, so no query
+    scores the cache's empty slots (``C`` queries against every slot of the rung, on the full-attention layers).
+    The engine's long chunk (:attr:`~mtijax.engine.ladder.Ladder.long_chunk`)."""
+    patches = {**interventions.patches, **chunk_patches(interventions.prompt_patches, jnp.int32(0), tokens.shape[1])}
+    transforms, outputs = _grafts(interventions, carry)
+    out = forward_hidden(config, params, tokens, positions, keep_kv=True, patches=patches, transforms=transforms,
+                         router=_router(interventions.router, router_state), layout=layout,
+                         unroll=layer_unroll("prefill"))
+    sliding = kv.sliding_layers(cache, family(config).layer_spec(config)["window"])
+    written = kv.write(cache, out.cache.k, out.cache.v, positions, jnp.int32(0), sliding)
+    return written, {layer: outputs[layer][0] for layer in carry}, out.router_state
+
+
 def start(config: ModelConfig, cache: kv.KVCache, carry: dict[int, Any], router_state: Any, policy_state: Any,
           first_token: jax.Array, first_position: jax.Array, lengths: jax.Array, width: jax.Array, keys: jax.Array,
           interventions: Interventions) -> State:
@@ -269,6 +286,7 @@ def finish(config: ModelConfig, policy: Policy, record_logits: bool, params: Par
 
 
 _chunk_tiers = Tiers(prefill_chunk, static_argnums=(0, 1), donate_argnums=(3,))
+_first_tiers = Tiers(prefill_first, static_argnums=(0, 1), donate_argnums=(3,))
 _step_tiers = Tiers(decode_step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 _block_tiers = Tiers(decode_block, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
 _chunk_jit, _step_jit, _block_jit = _chunk_tiers.tuned, _step_tiers.tuned, _block_tiers.tuned
@@ -320,11 +338,17 @@ class Resident(NamedTuple):
     block: int = 1
     prefill: Compiling | None = None
     decode: Compiling | None = None
+    first: Compiling | None = None
 
     def prefill_chunk(self, cache, carry, router_state, tokens, positions, start, interventions):
         chunk = self.chunk_fn or (self.prefill.program() if self.prefill else _chunk_jit)
         return chunk(self.config, self.layout, self.params, cache, carry, router_state, tokens, positions, start,
                      interventions)
+
+    def prefill_first(self, cache, carry, router_state, tokens, positions, interventions):
+        """The long first call (:func:`prefill_first`), through the build of :attr:`first` that exists."""
+        return self.first.program()(self.config, self.layout, self.params, cache, carry, router_state, tokens,
+                                    positions, interventions)
 
     @property
     def decode_params(self) -> Params:
@@ -396,6 +420,13 @@ def compile_step_ahead(stack: Resident, policy: Policy, record_logits: bool, sta
     return stack.decode_tiers.start(key, lower)
 
 
+def compile_first(stack: Resident, first_args: tuple) -> Compiling:
+    """Start the builds of ``stack``'s long first prefill call for :func:`prefill_first`'s arguments after
+    ``params`` (``first_args``) on a background thread (:meth:`Tiers.start`), without waiting for them."""
+    key = signature((stack.config, stack.layout), (stack.params, first_args))
+    return _first_tiers.start(key, lambda jit: jit.lower(stack.config, stack.layout, stack.params, *first_args))
+
+
 def compile_prefill(stack: Resident, chunk_args: tuple) -> Compiling | None:
     """The builds of ``stack``'s prefill chunk for :func:`prefill_chunk`'s arguments after ``params``
     (``chunk_args``), started where compiles are tiered and the stack calls the engine's chunk (``None``
@@ -425,7 +456,8 @@ _empty_cache = jax.jit(kv.init_cache, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 
 def compiled_counts() -> dict[str, int]:
     """How many programs each engine function has compiled in this process (for the no-recompile tests)."""
-    return {"prefill_chunk": _chunk_tiers.cache_size(), "start": _start_jit._cache_size(),
+    return {"prefill_chunk": _chunk_tiers.cache_size(), "prefill_first": _first_tiers.cache_size(),
+            "start": _start_jit._cache_size(),
             "decode_step": _step_tiers.cache_size(), "decode_block": _block_tiers.cache_size()}
 
 
@@ -550,7 +582,15 @@ def run(config: ModelConfig, params: Params, request: Request, *, policy: Policy
         stack = stack._replace(prefill=compile_prefill(stack, (
             cache, carry, router_state, tokens[:, :request.chunk], positions[:, :request.chunk], jnp.int32(0),
             interventions)))
-    for begin in range(0, request.width, request.chunk):
+    begin, long = 0, request.long_chunk if resident else None
+    if long:
+        stack = stack._replace(first=compile_first(stack, (
+            cache, carry, router_state, tokens[:, :long], positions[:, :long], interventions)))
+        if stack.first.available():
+            cache, carry, router_state = stack.prefill_first(cache, carry, router_state, tokens[:, :long],
+                                                             positions[:, :long], interventions)
+            begin = long
+    for begin in range(begin, request.width, request.chunk):
         cache, carry, router_state = stack.prefill_chunk(
             cache, carry, router_state, tokens[:, begin:begin + request.chunk],
             positions[:, begin:begin + request.chunk], jnp.int32(begin), interventions)

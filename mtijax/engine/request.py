@@ -44,6 +44,7 @@ class Request(NamedTuple):
       cache_length: slots of the KV cache (a ladder rung).
       max_new_tokens: calls to run. stops: ``[n]`` int32 ids that end a row (``[-1]``: none).
       rolling: the cache may take the rolling layout on sliding layers (``Ladder.rolling``).
+      long_chunk: the width of a long first prefill call (``Ladder.first_chunk``), or None.
     """
 
     tokens: np.ndarray
@@ -58,6 +59,7 @@ class Request(NamedTuple):
     max_new_tokens: int
     stops: np.ndarray
     rolling: bool = True
+    long_chunk: int | None = None
 
     @property
     def rows(self) -> int:
@@ -139,4 +141,4 @@ def lay_out(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_token
     needed = width + max_new_tokens if edits_cache else max(width, longest_prefill + max_new_tokens)
     cache_length = ladder.cache_length(needed, config.max_position_embeddings)
     return Request(tokens, positions, first_token, first_position, lengths, batch, width, ladder.chunk, cache_length,
-                   max_new_tokens, stop_tokens(config, stop_ids), ladder.rolling)
+                   max_new_tokens, stop_tokens(config, stop_ids), ladder.rolling, ladder.first_chunk(rows, width))

@@ -75,6 +75,11 @@ class Compiling:
         """Wait until a build can run (the quick one where tiered); raise its compile error if it failed."""
         (self.quick or self.tuned).result()
 
+    def available(self) -> bool:
+        """Whether a build has finished without error, so that :meth:`program` runs without compiling."""
+        return any(future is not None and future.done() and future.exception() is None
+                   for future in (self.quick, self.tuned))
+
     def program(self) -> Callable:
         """The jit to call now: the tuned one once built (or when not tiered), else the quick one."""
         if self.quick is None or (self.tuned.done() and self.tuned.exception() is None):

@@ -14,7 +14,7 @@ Parameters (``L`` layers, ``E`` experts of width ``F``, matrices ``[in, out]``):
     layers/moe/gate_proj  [L, E, D, F]  up_proj [L, E, D, F], down_proj [L, E, F, D]
 
 Routing is exact, with no capacity limit: every token reaches its top-k
-experts. Four dispatches give the same result (tested against each other and
+experts. Five dispatches give the same result (tested against each other and
 against transformers):
 
 - ``gathered`` gathers the weights of each token-expert pair's expert and runs
@@ -24,6 +24,8 @@ against transformers):
   over its group with ``jax.lax.ragged_dot`` (``k / E`` of the dense work);
 - ``in_place`` computes what ``gathered`` does with two Pallas kernels that read
   the chosen experts' matrices where they are (``mtijax.models.olmoe.kernels``);
+- ``tiled`` computes what ``grouped`` does with a Pallas grouped matrix product over row tiles that each
+  belong to one expert (``mtijax.models.olmoe.kernels.experts_tiled``);
 - ``dense`` runs every expert on every token and mixes with the (mostly zero)
   routing weights.
 
@@ -31,7 +33,8 @@ against transformers):
 ``experiments/bench_moe.py`` on an H100 (OLMoE-1B-7B layer, jax 0.11): grouped
 beat dense 1.6x at 1-8 tokens and 1.1x at 64, but dense beat grouped 3.3x at 512
 and 4.7x at 4096 tokens (XLA's GPU ``ragged_dot`` is far from a tuned grouped
-GEMM), so prefill of long prompts runs dense.
+GEMM), so without the Pallas kernels prefill of long prompts runs dense. On GPUs the many-token dispatch is
+``tiled`` (its measurement is in ``experiments/results/bench_moe_h200.json``).
 """
 
 from __future__ import annotations
@@ -125,14 +128,15 @@ def choose_dispatch(config: OlmoeConfig, num_tokens: int) -> str:
     """``"gathered"`` while there are fewer token-expert pairs than experts (decoding a small batch),
     ``"grouped"`` up to :data:`GROUPED_MAX_TOKENS` tokens, ``"dense"`` above (see the module docstring).
 
-    On GPUs ``"gathered"`` becomes ``"in_place"`` (the same products, the experts read where they are by the
-    kernels of :mod:`mtijax.models.olmoe.kernels`) where the kernels take the layer's widths, unless
-    ``MTIJAX_PALLAS=0`` (read when a step is traced)."""
+    On GPUs, where the kernels of :mod:`mtijax.models.olmoe.kernels` take the layer's widths and unless
+    ``MTIJAX_PALLAS=0`` (read when a step is traced), ``"gathered"`` becomes ``"in_place"`` (the same products,
+    the experts read where they are) and every larger call takes ``"tiled"`` (one grouped matrix product)."""
+    kernels_run = (jax.default_backend() == "gpu" and os.environ.get("MTIJAX_PALLAS", "1") != "0"
+                   and kernels.fits(config.hidden_size, config.intermediate_size))
     if num_tokens * config.num_experts_per_tok < config.num_experts:
-        if (jax.default_backend() == "gpu" and os.environ.get("MTIJAX_PALLAS", "1") != "0"
-                and kernels.fits(config.hidden_size, config.intermediate_size)):
-            return "in_place"
-        return "gathered"
+        return "in_place" if kernels_run else "gathered"
+    if kernels_run:
+        return "tiled"
     return "grouped" if num_tokens <= GROUPED_MAX_TOKENS else "dense"
 
 
@@ -177,7 +181,7 @@ def experts_grouped(moe: Params, x: jax.Array, experts: jax.Array, weights: jax.
 
 
 DISPATCHES = {"gathered": experts_gathered, "in_place": kernels.experts_gathered_in_place, "grouped": experts_grouped,
-              "dense": experts_dense}
+              "tiled": kernels.experts_tiled, "dense": experts_dense}
 """Expert dispatch name -> function ``(moe, x [T, D], experts [T, k], weights [T, k]) -> [T, D]``."""
 
 
