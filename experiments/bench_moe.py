@@ -1,6 +1,7 @@
 """Expert dispatch for OLMoE: ``dense`` (every expert on every token), ``grouped`` (``lax.ragged_dot``),
-``gathered`` (each token's chosen experts' weights gathered) and ``in_place`` (the same products, the experts read
-where they are by the Pallas kernels of ``mtijax.models.olmoe.kernels``; GPU only).
+``tiled`` (the grouped product as a Pallas kernel over one-expert row tiles; GPU only), ``gathered`` (each
+token's chosen experts' weights gathered) and ``in_place`` (the same products, the experts read where they are
+by the Pallas kernels of ``mtijax.models.olmoe.kernels``; GPU only).
 
 Times one OLMoE-1B-7B layer (random bfloat16 weights, real shapes) on ``T``
 tokens with each dispatch and prints them against dense, so that

@@ -132,7 +132,7 @@ def test_new_prompt_lengths_and_max_new_tokens_trigger_no_compilation():
     clear_engine_caches()
     generate(m.config, m.params, random_prompts(8, [5]), 8, stop_ids=())
     first = loop.compiled_counts()
-    assert first == {"prefill_chunk": 1, "start": 1, "decode_step": 1, "decode_block": 0}
+    assert first == {"prefill_chunk": 1, "prefill_first": 0, "start": 1, "decode_step": 1, "decode_block": 0}
     for length, new in ((1, 3), (9, 8), (16, 30), (65, 5), (150, 40)):
         generate(m.config, m.params, random_prompts(length, [length]), new, stop_ids=())
     stream_tokens(m.config, m.params, random_prompts(7, [3]), 12, stop_ids=())
